@@ -1,0 +1,216 @@
+"""The ``medseg`` command line: thin typer commands over the library functions.
+
+User errors (bad paths, configs, images, datasets) print one line and exit with code 2;
+``--verbose`` shows the traceback. Heavy imports happen inside commands so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="medseg: train, predict and evaluate medical image segmentation models (MONAI).",
+    pretty_exceptions_enable=False,
+)
+
+USER_ERROR = 2
+_state = {"verbose": False}
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logs.")
+    ] = False,
+) -> None:
+    """medseg command-line interface."""
+    _state["verbose"] = verbose
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+    )
+    for noisy in ("monai", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from medseg.config import ConfigError
+    from medseg.datasets import DatasetError
+    from medseg.evaluation import EvaluationError
+    from medseg.io import ImageError
+    from medseg.runs import RunError
+    from medseg.training import TrainingError
+
+    return (
+        ConfigError,
+        DatasetError,
+        EvaluationError,
+        ImageError,
+        RunError,
+        TrainingError,
+        FileNotFoundError,
+        PermissionError,
+    )
+
+
+@contextmanager
+def _handle_errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as err:
+        if _state["verbose"] or not isinstance(err, _user_errors()):
+            raise
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(USER_ERROR) from None
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    with _handle_errors():
+        return fn()
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides, e.g. train.epochs=2 data.root=DIR."),
+    ] = None,
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run folder to create.")] = Path(
+        "runs/run"
+    ),
+    fold: Annotated[
+        int | None, typer.Option("--fold", help="Validation fold (train.fold).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --run-dir.")
+    ] = False,
+) -> None:
+    """Train a model; the run folder then holds everything `medseg predict` needs."""
+
+    def go() -> Path:
+        from medseg.config import load_config
+        from medseg.training import train as train_fn
+
+        extra = list(overrides or []) + ([f"train.fold={fold}"] if fold is not None else [])
+        cfg = load_config(config, extra)
+        return train_fn(cfg, run_dir, resume=resume, progress=True)
+
+    out = _run(go)
+    typer.echo(f"run folder: {out}")
+    typer.echo(f"validation predictions and metrics: {out / 'validation'}")
+
+
+@app.command()
+def predict(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Scans: files, folders, DICOM series folders.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path(
+        "predictions"
+    ),
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Run folder; default: newest under ./runs.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    overlap: Annotated[
+        float | None, typer.Option("--overlap", help="Window overlap (0-1).")
+    ] = None,
+    tta: Annotated[
+        bool | None, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation.")
+    ] = None,
+) -> None:
+    """Segment scans; writes OUTPUT/NAME.nii.gz on each input's exact grid."""
+
+    def go() -> list[Path]:
+        from medseg.config import DEVICES, ConfigError
+        from medseg.predict import predict as predict_fn
+
+        if device not in DEVICES:
+            raise ConfigError(f"--device must be one of {sorted(DEVICES)}, got {device!r}")
+        if overlap is not None and not 0 <= overlap < 1:
+            raise ConfigError(f"--overlap must be in [0, 1), got {overlap}")
+        return predict_fn(inputs, output, model, device, overlap, tta, progress=True)
+
+    written = _run(go)
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="Folder of predicted label maps.")],
+    references: Annotated[
+        Path, typer.Argument(help="Folder of reference label maps (same names).")
+    ],
+    labels: Annotated[Path, typer.Option("--labels", help="dataset.json or a run's labels.json.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Metrics JSON (a CSV is written beside it).")
+    ] = Path("metrics.json"),
+) -> None:
+    """Per-case and per-label Dice, IoU and HD95; prints a table, writes JSON and CSV."""
+
+    def go() -> tuple[dict[str, Any], tuple[Path, Path]]:
+        from medseg.datasets import read_label_names
+        from medseg.evaluation import evaluate_folders, write_results
+
+        results = evaluate_folders(predictions, references, read_label_names(labels))
+        return results, write_results(results, output)
+
+    results, (json_path, csv_path) = _run(go)
+    _print_table(results)
+    typer.echo(f"metrics: {json_path}\nper case: {csv_path}")
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from medseg.evaluation import format_table
+
+    header, rows = format_table(results)
+    table = Table(title=f"{len(results['cases'])} cases")
+    for name in header:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for every demo output.")
+    ] = Path("medseg-demo"),
+) -> None:
+    """Train, predict and evaluate on bundled hippocampus cases (no download, ~2 min CPU)."""
+
+    def go() -> Any:
+        from medseg.demo import run_demo
+
+        return run_demo(output, progress=True)
+
+    result = _run(go)
+    _print_table(result.metrics)
+    typer.echo("")
+    for label, path in result.outputs().items():
+        typer.echo(f"{label:<22} {path}")
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m medseg`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,394 @@
+"""One typed, validated configuration: frozen dataclasses loaded from YAML plus dotted overrides.
+
+Every key is checked on load; an unknown key or a bad value raises `ConfigError` naming the
+dotted key (``train.epochs must be >= 1, got 0``) so the CLI can report it in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range (a user error)."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the dataset is and how volumes are preprocessed."""
+
+    root: Path | None = None
+    """Dataset folder holding dataset.json (MSD or nnU-Net v2 raw layout)."""
+    spacing: tuple[float, float, float] | None = None
+    """Target voxel spacing in mm (x, y, z after RAS reorientation); null = dataset median."""
+    normalization: str = "auto"
+    """auto (CT -> dataset percentiles, others -> per-image z-score), zscore, ct or none."""
+    cache: bool = True
+    """Keep preprocessed training volumes in memory (fast; needs RAM for the whole dataset)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.normalization in NORMALIZATIONS,
+            f"data.normalization must be one of {sorted(NORMALIZATIONS)}, "
+            f"got {self.normalization!r}",
+        )
+        if self.spacing is not None:
+            _check(
+                len(self.spacing) == 3 and all(s > 0 for s in self.spacing),
+                f"data.spacing must be three positive numbers or null, got {list(self.spacing)}",
+            )
+
+
+NORMALIZATIONS = {"auto", "zscore", "ct", "none"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network architecture."""
+
+    name: str = "unet"
+    """Registered network name (see medseg.models.MODELS)."""
+    spatial_dims: int = 3
+    """3 = volumetric U-Net; 2 = slice-wise U-Net on axial slices."""
+    filters: tuple[int, ...] = (16, 32, 64, 128)
+    """Feature channels per resolution level; its length sets the depth."""
+    patch_size: tuple[int, ...] = (40, 56, 40)
+    """Training patch and sliding-window size in voxels (2 numbers when spatial_dims is 2)."""
+    norm: str = "instance"
+    """Normalisation layer: instance or batch."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.spatial_dims in (2, 3),
+            f"model.spatial_dims must be 2 or 3, got {self.spatial_dims}",
+        )
+        _check(
+            len(self.filters) >= 3,
+            f"model.filters needs at least 3 levels (U-Net depth), got {list(self.filters)}",
+        )
+        _check(
+            all(f >= 1 for f in self.filters),
+            f"model.filters must be positive, got {list(self.filters)}",
+        )
+        _check(
+            len(self.patch_size) == self.spatial_dims,
+            f"model.patch_size must have {self.spatial_dims} numbers for spatial_dims="
+            f"{self.spatial_dims}, got {list(self.patch_size)}",
+        )
+        factor = 2 ** (len(self.filters) - 1)
+        _check(
+            all(p >= factor and p % factor == 0 for p in self.patch_size),
+            f"model.patch_size must be multiples of {factor} (2^(levels-1) for "
+            f"{len(self.filters)} levels), got {list(self.patch_size)}",
+        )
+        _check(
+            self.norm in ("instance", "batch"),
+            f"model.norm must be instance or batch, got {self.norm!r}",
+        )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random augmentations applied to training patches."""
+
+    flip_axes: tuple[int, ...] = ()
+    """Spatial axes (0=x, 1=y, 2=z in RAS) mirrored with probability 0.5 each."""
+    rotate_degrees: float = 15.0
+    """Maximum rotation about each axis, in degrees (0 disables affine augmentation)."""
+    scale: float = 0.15
+    """Maximum relative zoom in or out."""
+    affine_prob: float = 0.2
+    """Probability of applying the random rotation/scaling to a patch."""
+    intensity_prob: float = 0.15
+    """Probability of each intensity augmentation (scale, shift, gamma, noise)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            all(a in (0, 1, 2) for a in self.flip_axes),
+            f"train.augment.flip_axes must be 0, 1 or 2, got {list(self.flip_axes)}",
+        )
+        _check(
+            0 <= self.rotate_degrees <= 180,
+            f"train.augment.rotate_degrees must be in [0, 180], got {self.rotate_degrees}",
+        )
+        _check(0 <= self.scale < 1, f"train.augment.scale must be in [0, 1), got {self.scale}")
+        for name in ("affine_prob", "intensity_prob"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"train.augment.{name} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, data split and schedule."""
+
+    epochs: int = 30
+    """Number of epochs."""
+    iterations_per_epoch: int | None = None
+    """Batches per epoch; null = one pass over the training cases."""
+    batch_size: int = 4
+    """Patches per batch."""
+    optimizer: str = "adamw"
+    """adamw or sgd (Nesterov, momentum 0.99)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    weight_decay: float = 1e-5
+    """Weight decay."""
+    warmup_epochs: int = 1
+    """Linear warm-up epochs before the cosine/poly decay."""
+    schedule: str = "cosine"
+    """Learning-rate decay: cosine or poly (nnU-Net's (1 - t)^0.9)."""
+    loss: str = "dice_ce"
+    """Loss name (see medseg.losses.LOSSES): dice_ce or dice."""
+    foreground_fraction: float = 0.5
+    """Fraction of patches centred on a foreground voxel (foreground oversampling)."""
+    folds: int = 5
+    """Number of cross-validation folds the cases are split into."""
+    fold: int = 0
+    """Which fold is held out for validation."""
+    seed: int = 0
+    """Seed for weights, split-independent sampling and augmentation."""
+    val_every: int = 5
+    """Validate (sliding window, per-label Dice) every N epochs and at the last epoch."""
+    num_workers: int = 0
+    """Data-loading worker processes (0 = in the main process; best on small CPUs)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    amp: bool = True
+    """Mixed precision on CUDA (ignored on CPU)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmentation settings."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(
+            self.iterations_per_epoch is None or self.iterations_per_epoch >= 1,
+            f"train.iterations_per_epoch must be >= 1 or null, got {self.iterations_per_epoch}",
+        )
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(
+            self.optimizer in ("adamw", "sgd"),
+            f"train.optimizer must be adamw or sgd, got {self.optimizer!r}",
+        )
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(
+            self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}"
+        )
+        _check(
+            self.schedule in ("cosine", "poly"),
+            f"train.schedule must be cosine or poly, got {self.schedule!r}",
+        )
+        _check(
+            0 <= self.foreground_fraction <= 1,
+            f"train.foreground_fraction must be in [0, 1], got {self.foreground_fraction}",
+        )
+        _check(self.folds >= 2, f"train.folds must be >= 2, got {self.folds}")
+        _check(
+            0 <= self.fold < self.folds,
+            f"train.fold must be in [0, {self.folds - 1}], got {self.fold}",
+        )
+        _check(self.val_every >= 1, f"train.val_every must be >= 1, got {self.val_every}")
+        _check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
+        _check(
+            self.device in DEVICES,
+            f"train.device must be one of {sorted(DEVICES)}, got {self.device!r}",
+        )
+
+
+DEVICES = {"auto", "cpu", "cuda"}
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Sliding-window inference."""
+
+    overlap: float = 0.5
+    """Fraction of overlap between neighbouring windows."""
+    sw_batch_size: int = 2
+    """Windows evaluated per forward pass."""
+    tta: bool = False
+    """Average predictions over mirrored copies (test-time augmentation)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.overlap < 1, f"infer.overlap must be in [0, 1), got {self.overlap}")
+        _check(
+            self.sw_batch_size >= 1, f"infer.sw_batch_size must be >= 1, got {self.sw_batch_size}"
+        )
+        _check(
+            self.device in DEVICES,
+            f"infer.device must be one of {sorted(DEVICES)}, got {self.device!r}",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole medseg configuration; mirrors the YAML file section by section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML file whose sections mirror `Config`.
+        overrides: dotted assignments such as ``train.epochs=2`` or ``model.filters=[8,16,32]``;
+            values are parsed as YAML.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or out-of-range value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated `Config` from nested plain data (as read from YAML)."""
+    return _build(Config, raw, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain data (lists, str paths) suitable for YAML, inverse of `from_dict`."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        out[f.name] = value
+    return out
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write `cfg` as YAML (sections in dataclass order)."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """Copy of `cfg` with dotted keys replaced: ``replace(cfg, **{"data.root": p})``."""
+    raw = to_dict(cfg)
+    for key, value in sections.items():
+        section, name = key.split(".", 1)
+        raw[section][name] = str(value) if isinstance(value, Path) else value
+    return from_dict(raw)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, infer)")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(
+            f"override {item!r} must look like section.key=value, e.g. train.epochs=2"
+        )
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:  # absent, or a section left empty in the YAML file
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        valid = ", ".join(prefix + name for name in fields)
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys here: {valid}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], raw[name], prefix + name) for name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if value is None:
+        raise ConfigError(f"{key} must not be null")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        item_type = args[0]
+        return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{key} must be a path, got {value!r}")
+        return Path(value).expanduser()
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover - programming error

@@ -1,0 +1,45 @@
+"""Network registry: a name in the config -> a builder taking the model config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from monai.networks.nets import DynUNet
+
+from medseg.config import ConfigError, ModelConfig
+
+
+def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
+    """U-Net with skip connections (MONAI DynUNet): 3x3(x3) convolutions, stride-2 downsampling.
+
+    Args:
+        cfg: model section; ``filters`` sets the channels per level and the depth.
+        in_channels: input image channels.
+        out_channels: number of classes, background included.
+    """
+    levels = len(cfg.filters)
+    kernel = [[3] * cfg.spatial_dims] * levels
+    strides = [[1] * cfg.spatial_dims] + [[2] * cfg.spatial_dims] * (levels - 1)
+    norm: str | tuple = ("instance", {"affine": True}) if cfg.norm == "instance" else "batch"
+    return DynUNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=list(cfg.filters),
+        norm_name=norm,
+        deep_supervision=False,
+    )
+
+
+MODELS: dict[str, Callable[[ModelConfig, int, int], torch.nn.Module]] = {"unet": build_unet}
+
+
+def build_model(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
+    """Build the network named by ``cfg.name``; unknown names list the valid ones."""
+    if cfg.name not in MODELS:
+        raise ConfigError(f"model.name {cfg.name!r} is unknown; choose one of {sorted(MODELS)}")
+    return MODELS[cfg.name](cfg, in_channels, out_channels)

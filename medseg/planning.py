@@ -1,0 +1,152 @@
+"""The dataset fingerprint a run needs for preprocessing: target spacing and normalisation.
+
+A `Plan` is computed once from the training cases and saved in the run folder, so that
+prediction preprocesses new scans exactly as the training data was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from medseg.config import Config
+from medseg.datasets import Dataset
+from medseg.io import atomic_path, load_labels, load_volume, read_geometry
+
+log = logging.getLogger(__name__)
+
+CT_PERCENTILES = (0.5, 99.5)
+SAMPLES_PER_CASE = 10_000
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """How one input channel is normalised.
+
+    Attributes:
+        scheme: "zscore" (per image), "ct" (clip to dataset foreground percentiles, then
+            subtract the dataset foreground mean and divide by its std) or "none".
+        lower, upper, mean, std: dataset statistics used by the "ct" scheme.
+    """
+
+    scheme: str
+    lower: float = 0.0
+    upper: float = 0.0
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about the data that training fixed and prediction must reproduce.
+
+    Attributes:
+        spacing: target voxel spacing in mm along the RAS-oriented axes (x, y, z).
+        channels: input channel names.
+        labels: label value -> name, background included.
+        normalization: one `ChannelNorm` per channel.
+        layout: dataset layout the model was trained on ("msd" or "nnunet").
+    """
+
+    spacing: tuple[float, float, float]
+    channels: tuple[str, ...]
+    labels: dict[int, str]
+    normalization: tuple[ChannelNorm, ...]
+    layout: str = "msd"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for JSON (label keys as strings)."""
+        raw = asdict(self)
+        raw["labels"] = {str(k): v for k, v in self.labels.items()}
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Plan:
+        """Inverse of `to_json`."""
+        return cls(
+            spacing=tuple(float(s) for s in raw["spacing"]),  # type: ignore[arg-type]
+            channels=tuple(raw["channels"]),
+            labels={int(k): str(v) for k, v in raw["labels"].items()},
+            normalization=tuple(ChannelNorm(**n) for n in raw["normalization"]),
+            layout=raw.get("layout", "msd"),
+        )
+
+
+def make_plan(dataset: Dataset, cfg: Config) -> Plan:
+    """Compute the plan for `dataset` (spacing from headers; CT statistics from voxels)."""
+    spacing = cfg.data.spacing or median_spacing(dataset)
+    schemes = [channel_scheme(name, cfg.data.normalization) for name in dataset.channels]
+    stats: dict[int, ChannelNorm] = {}
+    ct_channels = [i for i, s in enumerate(schemes) if s == "ct"]
+    if ct_channels:
+        stats = foreground_statistics(dataset, ct_channels)
+    norms = tuple(stats.get(i, ChannelNorm(scheme)) for i, scheme in enumerate(schemes))
+    plan = Plan(tuple(spacing), dataset.channels, dict(dataset.labels), norms, dataset.layout)
+    log.info("plan: spacing %s, normalisation %s", plan.spacing, [n.scheme for n in norms])
+    return plan
+
+
+def channel_scheme(channel_name: str, setting: str) -> str:
+    """Normalisation scheme for a channel: `setting` unless it is "auto" (CT -> "ct")."""
+    if setting != "auto":
+        return setting
+    return "ct" if channel_name.strip().upper() == "CT" else "zscore"
+
+
+def median_spacing(dataset: Dataset) -> tuple[float, float, float]:
+    """Median voxel spacing over all cases, per RAS axis, read from image headers."""
+    spacings = []
+    for case in dataset.cases:
+        _, affine = read_geometry(case.images[0])
+        spacings.append(ras_spacing(affine))
+    return tuple(float(s) for s in np.median(np.array(spacings), axis=0))  # type: ignore[return-value]
+
+
+def ras_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing along the RAS axes after reorienting a volume with this affine."""
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    ornt = nib.orientations.io_orientation(affine)
+    out = [0.0, 0.0, 0.0]
+    for voxel_axis, (ras_axis, _) in enumerate(ornt):
+        out[int(ras_axis)] = float(zooms[voxel_axis])
+    return tuple(out)  # type: ignore[return-value]
+
+
+def foreground_statistics(
+    dataset: Dataset, channels: list[int], seed: int = 0
+) -> dict[int, ChannelNorm]:
+    """CT-style statistics of foreground (label > 0) intensities, sampled across all cases."""
+    rng = np.random.default_rng(seed)
+    samples: dict[int, list[np.ndarray]] = {c: [] for c in channels}
+    for case in dataset.cases:
+        image = load_volume(case.images)
+        mask = load_labels(case.label).array > 0 if case.label else np.ones(image.shape, bool)
+        for c in channels:
+            values = image.array[c][mask]
+            if values.size > SAMPLES_PER_CASE:
+                values = rng.choice(values, SAMPLES_PER_CASE, replace=False)
+            samples[c].append(values)
+    stats = {}
+    for c, parts in samples.items():
+        values = np.concatenate(parts) if parts else np.zeros(1, np.float32)
+        lower, upper = np.percentile(values, CT_PERCENTILES)
+        std = float(values.std()) or 1.0
+        stats[c] = ChannelNorm("ct", float(lower), float(upper), float(values.mean()), std)
+    return stats
+
+
+def save_plan(plan: Plan, path: Path) -> None:
+    """Write the plan as JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(plan.to_json(), indent=2))
+
+
+def load_plan(path: Path) -> Plan:
+    """Read a plan written by `save_plan`."""
+    return Plan.from_json(json.loads(Path(path).read_text()))

@@ -1,0 +1,114 @@
+"""The command line: the whole path through typer, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medseg.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path):  # noqa: ANN201 - click Result
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_train_predict_evaluate(
+    tmp_path: Path, tiny_overrides: list[str], demo_dataset: Path
+) -> None:
+    run_dir = tmp_path / "runs" / "cli"
+    result = invoke(
+        "train", Path("configs/hippocampus_3d.yaml"), *tiny_overrides, "--run-dir", run_dir
+    )
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "best.pt").is_file()
+
+    images = [demo_dataset / "imagesTr" / f"hippocampus_{n}.nii.gz" for n in ("319", "320")]
+    result = invoke(
+        "predict", *images, "--model", run_dir, "--output", tmp_path / "out", "--device", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "hippocampus_319.nii.gz",
+        "hippocampus_320.nii.gz",
+    ]
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for n in ("319", "320"):
+        (refs / f"hippocampus_{n}.nii.gz").write_bytes(
+            (demo_dataset / "labelsTr" / f"hippocampus_{n}.nii.gz").read_bytes()
+        )
+    metrics = tmp_path / "metrics.json"
+    result = invoke(
+        "evaluate",
+        tmp_path / "out",
+        refs,
+        "--labels",
+        demo_dataset / "dataset.json",
+        "--output",
+        metrics,
+    )
+    assert result.exit_code == 0, result.output
+    assert "Anterior" in result.output and "foreground mean" in result.output
+    data = json.loads(metrics.read_text())
+    assert set(data["cases"]) == {"hippocampus_319", "hippocampus_320"}
+    assert {"dice", "iou", "tp", "fp", "fn", "n_ref", "n_pred"} <= data["cases"]["hippocampus_320"][
+        "Anterior"
+    ].keys()
+    assert metrics.with_suffix(".csv").is_file()
+
+
+def test_help_lists_commands() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("train", "predict", "evaluate", "demo"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "missing.yaml"], "config file not found"),
+        (["train", "configs/hippocampus_3d.yaml", "train.epochs=0"], "train.epochs must be >= 1"),
+        (
+            ["train", "configs/hippocampus_3d.yaml", "train.epoch=3"],
+            "unknown config key train.epoch",
+        ),
+        (
+            ["train", "configs/hippocampus_3d.yaml", "data.root=/nonexistent"],
+            "dataset.json not found",
+        ),
+        (["predict", "missing.nii.gz", "--model", "nowhere"], "model folder not found"),
+        (["predict", "x.nii.gz", "--device", "tpu"], "--device must be one of"),
+        (["evaluate", "a", "b", "--labels", "missing.json"], "dataset.json not found"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_predict_without_runs_says_so(
+    tmp_path: Path, demo_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("predict", demo_dataset / "imagesTr" / "hippocampus_143.nii.gz")
+    assert result.exit_code == 2
+    assert "no trained model found" in result.output
+
+
+def test_predict_unreadable_scan(tiny_run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not an image")
+    result = invoke("predict", bad, "--model", tiny_run, "--output", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "broken.nii.gz: cannot read image" in result.output
+    assert not (tmp_path / "out" / "broken.nii.gz").exists()

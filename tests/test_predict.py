@@ -1,0 +1,105 @@
+"""medseg.predict: input resolution, output naming and writing on the input grid."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import read_sitk
+
+from medseg.io import ImageError
+from medseg.predict import predict, resolve_inputs, safe_name
+
+
+def _touch(folder: Path, *names: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / n for n in names]
+    for p in paths:
+        p.write_bytes(b"")
+    return paths
+
+
+def test_single_channel_names_are_kept(tmp_path: Path) -> None:
+    a, b = _touch(tmp_path, "scan.nii.gz", "patient_2024.nrrd")
+    assert resolve_inputs([a, b], 1, channel_suffix=False) == [("scan", [a]), ("patient_2024", [b])]
+
+
+def test_channel_files_are_grouped(tmp_path: Path) -> None:
+    files = _touch(tmp_path, "b_0001.nii.gz", "b_0000.nii.gz", "a_0000.nii.gz", "a_0001.nii.gz")
+    items = resolve_inputs([tmp_path], 2, channel_suffix=True)
+    assert [name for name, _ in items] == ["a", "b"]
+    assert [p.name for p in items[1][1]] == ["b_0000.nii.gz", "b_0001.nii.gz"]
+    assert len(files) == 4
+
+
+def test_missing_channel_is_reported(tmp_path: Path) -> None:
+    _touch(tmp_path, "a_0000.nii.gz")
+    with pytest.raises(ImageError, match="case a: found channel"):
+        resolve_inputs([tmp_path], 2, channel_suffix=True)
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not found"):
+        resolve_inputs([tmp_path / "nope.nii.gz"], 1, channel_suffix=False)
+
+
+def test_folder_without_images(tmp_path: Path) -> None:
+    _touch(tmp_path, "notes.txt")
+    with pytest.raises(ImageError, match="holds no images"):
+        resolve_inputs([tmp_path], 1, channel_suffix=False)
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [("../../etc/passwd", "_.._etc_passwd"), (".hidden", "hidden"), ("a b", "a_b")],
+)
+def test_safe_name_stays_in_folder(raw: str, clean: str) -> None:
+    assert safe_name(raw) == clean
+    assert "/" not in safe_name(raw)
+
+
+def test_predict_writes_on_input_grid(tiny_run: Path, demo_dataset: Path, tmp_path: Path) -> None:
+    image = demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"
+    [out] = predict([image], tmp_path / "out", model_dir=tiny_run, device="cpu")
+    assert out == tmp_path / "out" / "hippocampus_320.nii.gz"
+    _assert_same_grid(out, image)
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "sct_example/imagesTr/t2_0000.nii.gz",  # PSR orientation
+        "sct_example/imagesTr/t2s_0000.nii.gz",  # 7.5 mm slices
+        "spleen_crop/imagesTr/spleen_2_crop_0000.nii.gz",  # 0.8 x 0.8 x 5 mm
+        "hippocampus_dicom/Study1/13_HCropVolume",  # DICOM series -> 13_HCropVolume.nii.gz
+        "pyradiomics_cases/raw_nrrd/brain1_image.nrrd",  # NRRD, 6.5 mm slices
+    ],
+)
+def test_predict_real_files_on_input_grid(
+    tiny_run: Path, shared_data: Path, tmp_path: Path, relative: str
+) -> None:
+    source = shared_data / relative
+    [out] = predict([source], tmp_path, model_dir=tiny_run, device="cpu")
+    expected_name = source.name if source.is_dir() else source.name.split(".")[0]
+    assert out.name == f"{expected_name}.nii.gz"
+    _assert_same_grid(out, source)
+
+
+def test_predict_latest_run_default(
+    tiny_run: Path, demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(tiny_run, tmp_path / "runs" / "copy")
+    monkeypatch.chdir(tmp_path)
+    [out] = predict([demo_dataset / "imagesTr" / "hippocampus_143.nii.gz"], tmp_path / "o")
+    assert out.is_file()
+
+
+def _assert_same_grid(output: Path, source: Path) -> None:
+    out, ref = read_sitk(output), read_sitk(source)
+    assert out.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-5)
+    assert out.GetPixelIDTypeAsString() == "8-bit unsigned integer"

@@ -1,0 +1,184 @@
+"""medseg.training: split, run-folder contents, reproducibility and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from medseg import runs, training
+from medseg.config import load_config
+from medseg.training import TrainingError, kfold_split, train
+
+NAMES = [f"case_{i:03d}" for i in range(23)]
+
+
+@pytest.mark.parametrize("fold", range(5))
+def test_kfold_split_partitions_cases(fold: int) -> None:
+    split = kfold_split(NAMES, 5, fold, seed=0)
+    assert set(split.train).isdisjoint(split.val)
+    assert sorted(split.train + split.val) == NAMES
+    assert len(split.val) in (4, 5)
+
+
+def test_kfold_folds_cover_every_case_once() -> None:
+    held = [n for fold in range(5) for n in kfold_split(NAMES, 5, fold, seed=3).val]
+    assert sorted(held) == NAMES
+
+
+def test_kfold_split_too_few_cases() -> None:
+    with pytest.raises(TrainingError, match="cannot be split into 5 folds"):
+        kfold_split(NAMES[:3], 5, 0, seed=0)
+
+
+def test_run_folder_is_self_describing(tiny_run: Path) -> None:
+    names = {p.name for p in tiny_run.iterdir()}
+    assert names == {
+        "config.yaml",
+        "plan.json",
+        "labels.json",
+        "run.json",
+        "best.pt",
+        "last.pt",
+        "metrics.csv",
+        "training_curve.png",
+        "train.log",
+        "validation",
+    }
+    labels = json.loads((tiny_run / "labels.json").read_text())
+    assert labels == {"0": "background", "1": "Anterior", "2": "Posterior"}
+    plan = json.loads((tiny_run / "plan.json").read_text())
+    assert plan["spacing"] == [1.0, 1.0, 1.0]
+    assert plan["normalization"][0]["scheme"] == "zscore"
+    info = json.loads((tiny_run / "run.json").read_text())
+    assert set(info["train_cases"]).isdisjoint(info["val_cases"])
+    assert len(info["train_cases"]) == 8 and len(info["val_cases"]) == 2
+    assert load_config(tiny_run / "config.yaml").data.spacing == (1.0, 1.0, 1.0)
+
+
+def test_metrics_csv_has_one_row_per_epoch(tiny_run: Path) -> None:
+    rows = list(csv.DictReader((tiny_run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    for row in rows:
+        assert float(row["train_loss"]) > 0
+        assert 0 <= float(row["val_dice_mean"]) <= 1
+        assert {"val_dice_Anterior", "val_dice_Posterior"} <= row.keys()
+
+
+def test_final_validation_scores_held_out_cases(tiny_run: Path) -> None:
+    info = json.loads((tiny_run / "run.json").read_text())
+    written = sorted(p.name for p in (tiny_run / "validation").glob("*.nii.gz"))
+    assert written == sorted(f"{n}.nii.gz" for n in info["val_cases"])
+    metrics = json.loads((tiny_run / "validation" / "metrics.json").read_text())
+    assert sorted(metrics["cases"]) == sorted(info["val_cases"])
+
+
+def test_checkpoints_hold_plain_data_only(tiny_run: Path) -> None:
+    state = torch.load(tiny_run / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert {"model", "optimizer", "scheduler", "history", "best"} <= state.keys()
+
+
+def test_existing_run_needs_resume(tiny_run: Path, tiny_overrides: list[str]) -> None:
+    with pytest.raises(TrainingError, match="--resume"):
+        train(load_config(None, tiny_overrides), tiny_run)
+
+
+def test_resume_without_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(load_config(None), tmp_path / "empty", resume=True)
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(
+    tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped after epoch 1 and resumed ends with the weights of a straight run."""
+    cfg = load_config(None, [*tiny_overrides, "train.epochs=3"])
+    straight = train(cfg, tmp_path / "straight")
+
+    class Crash(Exception):
+        pass
+
+    original = training._Trainer._checkpoint
+
+    def checkpoint_then_crash(self, run_dir, epoch, row):  # noqa: ANN001, ANN202
+        original(self, run_dir, epoch, row)
+        if epoch == 0:
+            raise Crash
+
+    monkeypatch.setattr(training._Trainer, "_checkpoint", checkpoint_then_crash)
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(training._Trainer, "_checkpoint", original)
+    assert runs.load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
+    resumed = train(load_config(None), tmp_path / "resumed", resume=True)
+
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    losses_a = [row["train_loss"] for row in a["history"]]
+    losses_b = [row["train_loss"] for row in b["history"]]
+    assert losses_b == pytest.approx(losses_a, rel=1e-5)
+
+
+def _two_channel_nnunet(demo_dataset: Path, root: Path, n_cases: int = 5) -> list[str]:
+    """An nnU-Net v2 raw dataset whose second channel is a rescaled copy of the first."""
+    import nibabel as nib
+
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    names = []
+    for image in sorted((demo_dataset / "imagesTr").glob("*.nii.gz"))[:n_cases]:
+        case = image.name.removesuffix(".nii.gz")
+        source = nib.load(image)
+        data = np.asarray(source.dataobj, dtype=np.float32)
+        for channel, array in enumerate((data, 2.0 * data + 5.0)):
+            nib.save(
+                nib.Nifti1Image(array, source.affine),
+                root / "imagesTr" / f"{case}_{channel:04d}.nii.gz",
+            )
+        (root / "labelsTr" / f"{case}.nii.gz").write_bytes(
+            (demo_dataset / "labelsTr" / image.name).read_bytes()
+        )
+        names.append(case)
+    meta = {
+        "channel_names": {"0": "T1", "1": "T1_rescaled"},
+        "file_ending": ".nii.gz",
+        "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+        "numTraining": n_cases,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return names
+
+
+def test_two_channel_nnunet_layout(tmp_path: Path, demo_dataset: Path) -> None:
+    from medseg.predict import predict
+
+    names = _two_channel_nnunet(demo_dataset, tmp_path / "data")
+    overrides = [f"data.root={tmp_path / 'data'}", *TINY, "train.epochs=1"]
+    run_dir = train(load_config(None, overrides), tmp_path / "run")
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["channels"] == ["T1", "T1_rescaled"] and plan["layout"] == "nnunet"
+    written = predict(
+        [tmp_path / "data" / "imagesTr"], tmp_path / "out", model_dir=run_dir, device="cpu"
+    )
+    assert sorted(p.name for p in written) == sorted(f"{n}.nii.gz" for n in names)
+
+
+def test_undeclared_label_value_is_reported(tmp_path: Path, demo_dataset: Path) -> None:
+    from medseg.io import ImageError
+
+    _two_channel_nnunet(demo_dataset, tmp_path / "data")
+    meta = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "Anterior": 1}
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps(meta))
+    overrides = [f"data.root={tmp_path / 'data'}", *TINY, "train.epochs=1"]
+    with pytest.raises(ImageError, match=r"label value\(s\) \[2\] are not declared"):
+        train(load_config(None, overrides), tmp_path / "run")
