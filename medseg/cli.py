@@ -130,18 +130,32 @@ def predict(
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation.")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo scans already predicted by this model.")
+    ] = False,
+    formats: Annotated[
+        str,
+        typer.Option(
+            "--formats",
+            help="Comma-separated outputs: nifti, seg-nrrd, ctbl, stats, png, dicom-seg "
+            "(DICOM series inputs only). Default: all but dicom-seg.",
+        ),
+    ] = "nifti,seg-nrrd,ctbl,stats,png",
 ) -> None:
     """Segment scans; writes OUTPUT/NAME.nii.gz on each input's exact grid."""
 
     def go() -> list[Path]:
         from medseg.config import DEVICES, ConfigError
+        from medseg.predict import PredictOptions
         from medseg.predict import predict as predict_fn
 
         if device not in DEVICES:
             raise ConfigError(f"--device must be one of {sorted(DEVICES)}, got {device!r}")
         if overlap is not None and not 0 <= overlap < 1:
             raise ConfigError(f"--overlap must be in [0, 1), got {overlap}")
-        return predict_fn(inputs, output, model, device, overlap, tta, progress=True)
+        chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+        options = PredictOptions(device, overlap, tta, overwrite, chosen)
+        return predict_fn(inputs, output, model, options, progress=True)
 
     written = _run(go)
     for path in written:
@@ -158,19 +172,42 @@ def evaluate(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Metrics JSON (a CSV is written beside it).")
     ] = Path("metrics.json"),
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="Also write a self-contained HTML report with QC pictures."),
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            help="Images under the report's contours (CASE.nii.gz or CASE_0000.nii.gz).",
+        ),
+    ] = None,
 ) -> None:
-    """Per-case and per-label Dice, IoU and HD95; prints a table, writes JSON and CSV."""
+    """Per-case and per-label Dice, IoU and HD95; prints a table, writes JSON, CSV (and HTML)."""
 
     def go() -> tuple[dict[str, Any], tuple[Path, Path]]:
         from medseg.datasets import read_label_names
-        from medseg.evaluation import evaluate_folders, write_results
+        from medseg.evaluation import EvaluationError, evaluate_folders, write_results
 
+        if images is not None and report is None:
+            raise EvaluationError("--images only feeds the HTML report; add --report report.html")
+        if images is not None and not images.is_dir():
+            raise EvaluationError(f"{images}: images folder not found")
         results = evaluate_folders(predictions, references, read_label_names(labels))
         return results, write_results(results, output)
 
     results, (json_path, csv_path) = _run(go)
     _print_table(results)
     typer.echo(f"metrics: {json_path}\nper case: {csv_path}")
+    if report is not None:
+
+        def go_report() -> Path:
+            from medseg.report import write_report
+
+            return write_report(results, predictions, references, report, images_dir=images)
+
+        typer.echo(f"report: {_run(go_report)}")
 
 
 def _print_table(results: dict[str, Any]) -> None:
@@ -186,6 +223,26 @@ def _print_table(results: dict[str, Any]) -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+@app.command()
+def check(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder holding dataset.json.")],
+) -> None:
+    """List every problem of a dataset (files, grids, channels, label values) before training."""
+
+    def go() -> Any:
+        from medseg.check import check_dataset
+
+        return check_dataset(dataset, progress=True)
+
+    found, problems = _run(go)
+    for problem in problems:
+        typer.echo(str(problem))
+    if problems:
+        typer.secho(f"{len(problems)} problem(s) found in {dataset}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(USER_ERROR)
+    typer.echo(f"{dataset}: {len(found.cases)} cases, no problems found")
 
 
 @app.command()

@@ -37,12 +37,16 @@ class DemoResult:
 
     def outputs(self) -> dict[str, Path]:
         """Human-readable name -> path, in the order a user would open them."""
+        case = self.prediction.name.removesuffix(".nii.gz")
         return {
             "training dataset": self.output / "dataset",
             "run folder": self.run_dir,
             "training curve": self.run_dir / "training_curve.png",
             "validation metrics": self.run_dir / "validation" / "metrics.json",
             "held-out prediction": self.prediction,
+            "  Slicer segmentation": self.prediction.with_name(f"{case}.seg.nrrd"),
+            "  QC picture": self.prediction.with_name(f"{case}.png"),
+            "  volumes and stats": self.prediction.with_name(f"{case}.stats.json"),
             "held-out metrics": self.metrics_json,
             "held-out metrics CSV": self.metrics_csv,
         }
@@ -56,7 +60,7 @@ def bundled_dataset() -> Path:
 def run_demo(output: Path, progress: bool = False) -> DemoResult:
     """Train on 9 bundled cases, predict the 10th, evaluate it; returns where outputs are."""
     from medseg.evaluation import evaluate_folders, write_results
-    from medseg.predict import predict
+    from medseg.predict import PredictOptions, predict
     from medseg.training import train
 
     output = _prepare(Path(output))
@@ -68,7 +72,9 @@ def run_demo(output: Path, progress: bool = False) -> DemoResult:
     demo_yaml = Path(str(resources.files("medseg") / "data" / "demo.yaml"))
     cfg = load_config(demo_yaml, [f"data.root={output / 'dataset'}"])
     run_dir = train(cfg, output / "run", progress=progress)
-    prediction = predict([test_image], output / "predictions", model_dir=run_dir, device="cpu")[0]
+    prediction = predict(
+        [test_image], output / "predictions", run_dir, PredictOptions(device="cpu")
+    )[0]
     metrics = evaluate_folders(output / "predictions", output / "test" / "labels", source.labels)
     json_path, csv_path = write_results(metrics, output / "metrics.json")
     return DemoResult(output, run_dir, prediction, json_path, csv_path, metrics)

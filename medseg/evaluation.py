@@ -332,7 +332,11 @@ def _image_files(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise EvaluationError(f"{folder}: {what} folder not found")
     files: dict[str, Path] = {}
-    for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
+    # Slicer .seg.nrrd files sit beside predicted label maps; they are not label maps to score.
+    candidates = (
+        p for p in folder.iterdir() if is_image_file(p) and not p.name.endswith(".seg.nrrd")
+    )
+    for path in sorted(candidates):
         case = strip_suffix(path.name)
         if case in files:
             raise EvaluationError(

@@ -18,6 +18,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer, sliding_window_inference
 
+from medseg.config import ConfigError
 from medseg.io import Volume
 from medseg.planning import Plan
 from medseg.transforms import IMAGE, preprocessing, unwrapped_errors
@@ -33,7 +34,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
     return torch.device(name)
 
 

@@ -32,6 +32,10 @@ class ImageError(ValueError):
     """An image file is missing, unreadable or unusable (a user error)."""
 
 
+class WriteError(ImageError):
+    """An output cannot be written: folder not writable, disk full (a user error)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """An intensity image with its geometry.
@@ -133,6 +137,7 @@ def load_volume(paths: Path | Sequence[Path]) -> Volume:
         channels.append(data)
     array = np.concatenate(channels, axis=0).astype(np.float32, copy=False)
     _validate_array(array, paths[0])
+    _validate_affine(affine, paths[0])
     header = _nifti_header(paths[0])
     return Volume(array=array, affine=affine, source=paths[0], header=header)
 
@@ -169,13 +174,16 @@ def label_dtype(max_label: int) -> type[np.integer]:
     return np.uint32
 
 
-def save_labels(labels: np.ndarray, like: Volume | LabelMap, path: Path) -> Path:
+def save_labels(
+    labels: np.ndarray, like: Volume | LabelMap, path: Path, description: str = "medseg label map"
+) -> Path:
     """Write an integer label map on exactly the grid of `like` as NIfTI, atomically.
 
     Args:
         labels: integer array of shape (X, Y, Z), the spatial shape of `like`.
         like: the volume whose grid (shape, affine, and NIfTI header when present) is kept.
         path: output ``.nii.gz`` or ``.nii`` file.
+        description: text for the NIfTI ``descrip`` field (at most 79 characters kept).
     """
     spatial = like.array.shape[-3:]
     if labels.shape != spatial:
@@ -195,7 +203,7 @@ def save_labels(labels: np.ndarray, like: Volume | LabelMap, path: Path) -> Path
     image.set_data_dtype(dtype)
     image.header.set_slope_inter(1.0, 0.0)
     image.header["cal_min"], image.header["cal_max"] = 0, float(labels.max() if labels.size else 0)
-    image.header["descrip"] = b"medseg label map"
+    image.header["descrip"] = description.encode("ascii", "replace")[:79]
     with atomic_path(Path(path)) as tmp:
         nib.save(image, str(tmp))
     return Path(path)
@@ -207,15 +215,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     Readers never see a half-written file, and a crash leaves no partial output behind.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
+        )
+    except OSError as err:
+        raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs follow the umask
         os.replace(tmp, path)
+    except OSError as err:  # disk full, quota, permissions: nothing partial is left behind
+        raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -254,6 +269,18 @@ def _validate_array(array: np.ndarray, path: Path) -> None:
         raise ImageError(f"{path}: image contains NaN or infinite voxels; fix or mask them first")
 
 
+def _validate_affine(affine: np.ndarray, path: Path) -> None:
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.isfinite(affine).all() or (spacing <= 0).any():
+        raise ImageError(f"{path}: header has zero or invalid voxel spacing {spacing.tolist()}")
+    direction = affine[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise ImageError(
+            f"{path}: direction cosines are not orthonormal (sheared or corrupt header); "
+            "fix the header (e.g. re-save from 3D Slicer) before segmenting"
+        )
+
+
 def _nifti_header(path: Path) -> nib.Nifti1Header | None:
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         return None
@@ -268,6 +295,15 @@ def _has_dicom_magic(path: Path) -> bool:
             return handle.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def read_description(path: Path) -> str | None:
+    """The ``descrip`` text of a NIfTI file, or None when it is missing or unreadable."""
+    try:
+        raw = nib.load(str(path)).header["descrip"]
+    except Exception:  # any unreadable file counts as absent
+        return None
+    return bytes(np.asarray(raw).item()).decode("ascii", "replace").rstrip("\x00").strip()
 
 
 def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:

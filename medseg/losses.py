@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 
+from medseg.config import ConfigError
+
 
 def dice_ce() -> torch.nn.Module:
     """Soft Dice (foreground classes, batch-wise as in nnU-Net) plus cross-entropy, equal weight."""
@@ -21,10 +23,13 @@ def dice() -> torch.nn.Module:
 LOSSES: dict[str, Callable[[], torch.nn.Module]] = {"dice_ce": dice_ce, "dice": dice}
 
 
-def build_loss(name: str) -> torch.nn.Module:
-    """Build the loss named `name`; unknown names list the valid ones."""
-    from medseg.config import ConfigError
-
+def loss_builder(name: str) -> Callable[[], torch.nn.Module]:
+    """The loss registered as `name`; unknown names list the valid ones."""
     if name not in LOSSES:
         raise ConfigError(f"train.loss {name!r} is unknown; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]()
+    return LOSSES[name]
+
+
+def build_loss(name: str) -> torch.nn.Module:
+    """Build the loss named `name`."""
+    return loss_builder(name)()

@@ -38,8 +38,13 @@ def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.n
 MODELS: dict[str, Callable[[ModelConfig, int, int], torch.nn.Module]] = {"unet": build_unet}
 
 
+def model_builder(name: str) -> Callable[[ModelConfig, int, int], torch.nn.Module]:
+    """The builder registered as `name`; unknown names list the valid ones."""
+    if name not in MODELS:
+        raise ConfigError(f"model.name {name!r} is unknown; choose one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
 def build_model(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
-    """Build the network named by ``cfg.name``; unknown names list the valid ones."""
-    if cfg.name not in MODELS:
-        raise ConfigError(f"model.name {cfg.name!r} is unknown; choose one of {sorted(MODELS)}")
-    return MODELS[cfg.name](cfg, in_channels, out_channels)
+    """Build the network named by ``cfg.name``."""
+    return model_builder(cfg.name)(cfg, in_channels, out_channels)

@@ -7,19 +7,25 @@ nnU-Net layout) group ``CASE_0000``, ``CASE_0001``, ... files into case ``CASE``
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from medseg.config import ConfigError
 from medseg.inference import predict_volume, resolve_device
 from medseg.io import (
     ImageError,
+    Volume,
     is_dicom_dir,
     is_image_file,
     load_volume,
+    read_description,
     save_labels,
     strip_suffix,
 )
@@ -32,33 +38,70 @@ SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
 
 Item = tuple[str, list[Path]]
 
+# Output format -> file name suffix, next to NAME.nii.gz.
+FORMATS = {
+    "nifti": ".nii.gz",
+    "seg-nrrd": ".seg.nrrd",
+    "ctbl": ".ctbl",
+    "stats": ".stats.json",
+    "png": ".png",
+    "dicom-seg": ".dcm",
+}
+DEFAULT_FORMATS = ("nifti", "seg-nrrd", "ctbl", "stats", "png")
+BATCH_STATS = "stats.csv"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How `predict` runs; None means the run's own ``infer`` setting."""
+
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    overlap: float | None = None
+    """Sliding-window overlap."""
+    tta: bool | None = None
+    """Mirroring test-time augmentation."""
+    overwrite: bool = False
+    """Redo scans whose output already exists from the same model and settings."""
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    """Outputs per scan (see `FORMATS`); the NIfTI label map is always written."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.formats) - set(FORMATS))
+        if unknown:
+            raise ConfigError(
+                f"unknown output format {unknown[0]!r}; choose from {', '.join(FORMATS)}"
+            )
+
 
 def predict(
     inputs: Sequence[Path],
     output_dir: Path,
     model_dir: Path | None = None,
-    device: str = "auto",
-    overlap: float | None = None,
-    tta: bool | None = None,
+    options: PredictOptions | None = None,
     progress: bool = False,
 ) -> list[Path]:
     """Segment every scan in `inputs` and write ``OUTPUT_DIR/NAME.nii.gz`` on each input's grid.
+
+    Rerunning into the same folder skips scans already written by the same model with the
+    same settings (recorded in the NIfTI ``descrip`` field), so an interrupted batch resumes;
+    outputs are written atomically, so a crash never leaves a partial file.
 
     Args:
         inputs: image files, folders of images, or DICOM series folders.
         output_dir: where label maps are written.
         model_dir: a run folder; None = the most recent run under ./runs.
-        device: auto, cpu or cuda.
-        overlap, tta: override the run's inference settings.
+        options: device, overlap, TTA, overwrite.
         progress: show a progress bar.
 
     Returns:
-        The written label-map files.
+        The label-map files, one per input scan (skipped ones included).
     """
-    torch_device = resolve_device(device)
-    run = load_run(model_dir if model_dir is not None else latest_run(), torch_device)
+    options = options or PredictOptions()
+    device = resolve_device(options.device)
+    run = load_run(model_dir if model_dir is not None else latest_run(), device)
     items = resolve_inputs(inputs, len(run.plan.channels), run.plan.layout == "nnunet")
-    return predict_cases(run, items, output_dir, torch_device, overlap, tta, progress)
+    return predict_cases(run, items, output_dir, options, progress)
 
 
 def resolve_inputs(inputs: Sequence[Path], n_channels: int, channel_suffix: bool) -> list[Item]:
@@ -132,24 +175,25 @@ def predict_cases(
     run: Run,
     items: list[Item],
     output_dir: Path,
-    device: torch.device | None = None,
-    overlap: float | None = None,
-    tta: bool | None = None,
+    options: PredictOptions | None = None,
     progress: bool = False,
 ) -> list[Path]:
     """Predict (name, channel files) items with a loaded run; see `predict`."""
+    options = options or PredictOptions()
     infer = run.config.infer
-    overlap = infer.overlap if overlap is None else overlap
-    tta = infer.tta if tta is None else tta
-    device = device or torch.device("cpu")
+    overlap = infer.overlap if options.overlap is None else options.overlap
+    tta = infer.tta if options.tta is None else options.tta
+    device = next(run.network.parameters()).device
+    stamp = f"medseg model {run.fingerprint} overlap {overlap:g} tta {int(tta)}"
+    formats = _requested(options.formats, items)
     written = []
     for name, paths in _iterate(items, progress):
-        volume = load_volume(paths)
-        if volume.array.shape[0] != len(run.plan.channels):
-            raise ImageError(
-                f"{paths[0]}: has {volume.array.shape[0]} channel(s), the model takes "
-                f"{len(run.plan.channels)} ({', '.join(run.plan.channels)})"
-            )
+        out = Path(output_dir) / f"{name}.nii.gz"
+        if not options.overwrite and _complete(out, formats, stamp):
+            log.info("%s: already predicted by this model, skipped", out)
+            written.append(out)
+            continue
+        volume = _load_for(run, paths)
         labels = predict_volume(
             _predictor(run),
             volume,
@@ -160,9 +204,78 @@ def predict_cases(
             tta,
             device,
         )
-        written.append(save_labels(labels, like=volume, path=Path(output_dir) / f"{name}.nii.gz"))
-        log.debug("%s -> %s", paths[0], written[-1])
+        try:
+            _write_extras(labels, volume, run.plan.labels, out, formats)
+            # The NIfTI goes last: its presence with this stamp marks the scan as complete.
+            written.append(save_labels(labels, like=volume, path=out, description=stamp))
+        except Exception:
+            for fmt in formats:  # all of a scan's outputs, or none
+                sibling(out, fmt).unlink(missing_ok=True)
+            raise
+        log.debug("%s -> %s", paths[0], out)
+    if "stats" in formats:
+        _write_batch_stats(written, Path(output_dir) / BATCH_STATS)
     return written
+
+
+def _requested(formats: tuple[str, ...], items: list[Item]) -> tuple[str, ...]:
+    if "dicom-seg" in formats:
+        not_dicom = [paths[0] for _, paths in items if not is_dicom_dir(paths[0])]
+        if not_dicom:
+            raise ImageError(
+                f"{not_dicom[0]}: --formats dicom-seg needs DICOM series folders as input"
+            )
+    return tuple(dict.fromkeys(("nifti", *formats)))
+
+
+def sibling(nifti: Path, fmt: str) -> Path:
+    """The file of output format `fmt` that belongs to label map ``NAME.nii.gz``."""
+    return nifti.with_name(nifti.name.removesuffix(".nii.gz") + FORMATS[fmt])
+
+
+def _complete(out: Path, formats: tuple[str, ...], stamp: str) -> bool:
+    if not out.is_file() or read_description(out) != stamp:
+        return False
+    return all(sibling(out, fmt).is_file() for fmt in formats)
+
+
+def _write_extras(
+    labels: np.ndarray, volume: Volume, names: dict[int, str], out: Path, formats: tuple[str, ...]
+) -> None:
+    from medseg import export
+
+    case = out.name.removesuffix(".nii.gz")
+    if "seg-nrrd" in formats:
+        export.write_seg_nrrd(labels, volume, names, sibling(out, "seg-nrrd"))
+    if "ctbl" in formats:
+        export.write_color_table(names, sibling(out, "ctbl"))
+    if "stats" in formats:
+        stats = export.label_statistics(labels, volume, names, case=case)
+        export.write_stats_json(stats, sibling(out, "stats"))
+    if "png" in formats:
+        export.write_qc_png(labels, volume, names, sibling(out, "png"))
+    if "dicom-seg" in formats:
+        if labels.any():
+            export.write_dicom_seg(labels, volume, names, sibling(out, "dicom-seg"))
+        else:  # a DICOM Segmentation needs at least one segment
+            log.warning("%s: nothing segmented, so no DICOM-SEG is written", case)
+
+
+def _write_batch_stats(written: list[Path], path: Path) -> None:
+    from medseg import export
+
+    stats = [json.loads(sibling(out, "stats").read_text()) for out in written]
+    export.write_stats_csv(stats, path)
+
+
+def _load_for(run: Run, paths: list[Path]) -> Volume:
+    volume = load_volume(paths)
+    if volume.array.shape[0] != len(run.plan.channels):
+        raise ImageError(
+            f"{paths[0]}: has {volume.array.shape[0]} channel(s), the model takes "
+            f"{len(run.plan.channels)} ({', '.join(run.plan.channels)})"
+        )
+    return volume
 
 
 def _predictor(run: Run):  # type: ignore[no-untyped-def]

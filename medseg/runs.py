@@ -7,6 +7,7 @@ data only), ``metrics.csv``, ``training_curve.png`` and ``train.log``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class Run:
     config: Config
     plan: Plan
     network: torch.nn.Module
+    fingerprint: str = ""
+    """First 12 hex digits of the weights file's SHA-256: which model made an output."""
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -94,12 +97,14 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> Run:
         raise RunError(f"{run_dir / CONFIG}: {err}") from None
     plan = load_plan(run_dir / PLAN)
     network = build_model(cfg.model, len(plan.channels), len(plan.labels))
-    state = load_checkpoint(find_checkpoint(run_dir))
+    weights = find_checkpoint(run_dir)
+    state = load_checkpoint(weights)
     try:
         network.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:
         raise RunError(f"{run_dir}: weights do not match the configured network ({err})") from None
-    return Run(run_dir, cfg, plan, network.to(device).eval())
+    fingerprint = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    return Run(run_dir, cfg, plan, network.to(device).eval(), fingerprint)
 
 
 def latest_run(runs_root: Path = Path("runs")) -> Path:

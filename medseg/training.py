@@ -9,6 +9,7 @@ uninterrupted one would.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from medseg import __version__, runs
 from medseg import config as config_mod
 from medseg.config import Config, ConfigError
-from medseg.datasets import Case, load_dataset
+from medseg.datasets import Case, DatasetError, load_dataset
 from medseg.evaluation import confusion, dice
 from medseg.inference import resolve_device, sliding_window_probabilities
 from medseg.io import atomic_path
@@ -91,6 +92,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Fal
             f"{run_dir}: already holds a run; pass --resume to continue it "
             "or choose another --run-dir"
         )
+    _check_names(cfg)
     if cfg.data.root is None:
         raise ConfigError(
             "data.root is not set: name the dataset folder in the config or as data.root=PATH"
@@ -98,6 +100,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Fal
     run_dir.mkdir(parents=True, exist_ok=True)
     with _log_to(run_dir / runs.LOG):
         return _train(cfg, run_dir, resume, progress)
+
+
+def _check_names(cfg: Config) -> None:
+    """Registry names are checked before anything is written."""
+    from medseg.losses import loss_builder
+    from medseg.models import model_builder
+
+    model_builder(cfg.model.name)
+    loss_builder(cfg.train.loss)
 
 
 def _resume_config(run_dir: Path) -> Config:
@@ -109,6 +120,8 @@ def _resume_config(run_dir: Path) -> Config:
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
     start = time.perf_counter()
     dataset = load_dataset(cfg.data.root)  # type: ignore[arg-type]
+    if not resume:
+        _check(dataset, progress)
     split = kfold_split(
         [c.name for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.seed
     )
@@ -148,19 +161,25 @@ def _record_wall_time(run_dir: Path, seconds: float) -> None:
     log.info("finished in %.1f min (wall time, this session)", seconds / 60)
 
 
+def _check(dataset: Any, progress: bool) -> None:
+    """Refuse to train on a dataset with problems; list them (as `medseg check` does)."""
+    from medseg.check import check_cases
+
+    problems = check_cases(dataset, dataset.cases, progress)
+    if problems:
+        listed = "; ".join(str(p) for p in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DatasetError(
+            f"{dataset.root}: {len(problems)} problem(s) found: {listed}{more}. "
+            f"Run 'medseg check {dataset.root}' for the full list."
+        )
+
+
 def _plan(cfg: Config, dataset: Any, train_cases: list[Case], run_dir: Path, resume: bool) -> Plan:
     if resume:
         return runs.load_plan(run_dir / runs.PLAN)
     # Statistics come from the training cases only: validation cases stay unseen.
-    subset = type(dataset)(
-        dataset.root,
-        dataset.layout,
-        dataset.channels,
-        dataset.labels,
-        tuple(train_cases),
-        dataset.file_ending,
-    )
-    return make_plan(subset, cfg)
+    return make_plan(dataclasses.replace(dataset, cases=tuple(train_cases)), cfg)
 
 
 def _write_run_files(cfg: Config, plan: Plan, split: Split, run_dir: Path) -> None:
@@ -443,13 +462,12 @@ def _final_validation(
 ) -> None:
     """Predict the held-out cases with the best weights on their original grids and score them."""
     from medseg.evaluation import evaluate_folders, write_results
-    from medseg.predict import predict_cases
+    from medseg.predict import PredictOptions, predict_cases
 
     run = runs.load_run(run_dir, device)
     out = run_dir / runs.VALIDATION
-    predict_cases(
-        run, [(c.name, list(c.images)) for c in val_cases], out, device=device, progress=progress
-    )
+    options = PredictOptions(overwrite=True, formats=("nifti",))
+    predict_cases(run, [(c.name, list(c.images)) for c in val_cases], out, options, progress)
     ref_dir = out / "reference"
     ref_dir.mkdir(exist_ok=True)
     for case in val_cases:

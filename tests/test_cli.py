@@ -33,7 +33,7 @@ def test_train_predict_evaluate(
         "predict", *images, "--model", run_dir, "--output", tmp_path / "out", "--device", "cpu"
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == [
         "hippocampus_319.nii.gz",
         "hippocampus_320.nii.gz",
     ]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from medseg.config import ConfigError
 from medseg.inference import predict_volume, resolve_device, sliding_window_probabilities
 from medseg.io import load_volume
 from medseg.planning import ChannelNorm, Plan, ras_spacing
@@ -73,5 +74,5 @@ def test_probabilities_sum_to_one() -> None:
 def test_cuda_request_without_gpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(ValueError, match="no CUDA GPU"):
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
         resolve_device("cuda")

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from conftest import read_sitk
 
+from medseg.config import ConfigError
 from medseg.io import ImageError
-from medseg.predict import predict, resolve_inputs, safe_name
+from medseg.predict import PredictOptions, predict, resolve_inputs, safe_name
+
+CPU = PredictOptions(device="cpu")
 
 
 def _touch(folder: Path, *names: str) -> list[Path]:
@@ -62,7 +65,7 @@ def test_safe_name_stays_in_folder(raw: str, clean: str) -> None:
 
 def test_predict_writes_on_input_grid(tiny_run: Path, demo_dataset: Path, tmp_path: Path) -> None:
     image = demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"
-    [out] = predict([image], tmp_path / "out", model_dir=tiny_run, device="cpu")
+    [out] = predict([image], tmp_path / "out", tiny_run, CPU)
     assert out == tmp_path / "out" / "hippocampus_320.nii.gz"
     _assert_same_grid(out, image)
 
@@ -81,7 +84,7 @@ def test_predict_real_files_on_input_grid(
     tiny_run: Path, shared_data: Path, tmp_path: Path, relative: str
 ) -> None:
     source = shared_data / relative
-    [out] = predict([source], tmp_path, model_dir=tiny_run, device="cpu")
+    [out] = predict([source], tmp_path, tiny_run, CPU)
     expected_name = source.name if source.is_dir() else source.name.split(".")[0]
     assert out.name == f"{expected_name}.nii.gz"
     _assert_same_grid(out, source)
@@ -103,3 +106,48 @@ def _assert_same_grid(output: Path, source: Path) -> None:
     np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-5)
     assert out.GetPixelIDTypeAsString() == "8-bit unsigned integer"
+
+
+def test_default_outputs_per_scan(tiny_run: Path, demo_dataset: Path, tmp_path: Path) -> None:
+    predict([demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"], tmp_path, tiny_run, CPU)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hippocampus_320.ctbl",
+        "hippocampus_320.nii.gz",
+        "hippocampus_320.png",
+        "hippocampus_320.seg.nrrd",
+        "hippocampus_320.stats.json",
+        "stats.csv",
+    ]
+
+
+def test_dicom_seg_needs_dicom_input(tiny_run: Path, demo_dataset: Path, tmp_path: Path) -> None:
+    options = PredictOptions("cpu", formats=("dicom-seg",))
+    with pytest.raises(ImageError, match="needs DICOM series folders"):
+        predict([demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"], tmp_path, tiny_run, options)
+
+
+def test_dicom_series_to_dicom_seg(
+    tiny_run: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pydicom
+
+    import medseg.predict
+
+    def bright(predictor, volume, *args):  # noqa: ANN001, ANN202 - a model that finds something
+        return (volume.array[0] > volume.array[0].mean()).astype(np.int32)
+
+    monkeypatch.setattr(medseg.predict, "predict_volume", bright)
+
+    series = shared_data / "hippocampus_dicom" / "Study1" / "13_HCropVolume"
+    options = PredictOptions("cpu", formats=("nifti", "dicom-seg"))
+    [out] = predict([series], tmp_path, tiny_run, options)
+    seg = pydicom.dcmread(tmp_path / "13_HCropVolume.dcm")
+    assert seg.Modality == "SEG"
+    source = pydicom.dcmread(next(series.glob("*.dcm")))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert out.name == "13_HCropVolume.nii.gz"
+
+
+def test_unknown_format(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown output format 'jpeg'"):
+        PredictOptions(formats=("jpeg",))

@@ -159,7 +159,7 @@ def _two_channel_nnunet(demo_dataset: Path, root: Path, n_cases: int = 5) -> lis
 
 
 def test_two_channel_nnunet_layout(tmp_path: Path, demo_dataset: Path) -> None:
-    from medseg.predict import predict
+    from medseg.predict import PredictOptions, predict
 
     names = _two_channel_nnunet(demo_dataset, tmp_path / "data")
     overrides = [f"data.root={tmp_path / 'data'}", *TINY, "train.epochs=1"]
@@ -167,18 +167,32 @@ def test_two_channel_nnunet_layout(tmp_path: Path, demo_dataset: Path) -> None:
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["channels"] == ["T1", "T1_rescaled"] and plan["layout"] == "nnunet"
     written = predict(
-        [tmp_path / "data" / "imagesTr"], tmp_path / "out", model_dir=run_dir, device="cpu"
+        [tmp_path / "data" / "imagesTr"], tmp_path / "out", run_dir, PredictOptions("cpu")
     )
     assert sorted(p.name for p in written) == sorted(f"{n}.nii.gz" for n in names)
 
 
 def test_undeclared_label_value_is_reported(tmp_path: Path, demo_dataset: Path) -> None:
-    from medseg.io import ImageError
+    from medseg.datasets import DatasetError
 
     _two_channel_nnunet(demo_dataset, tmp_path / "data")
     meta = json.loads((tmp_path / "data" / "dataset.json").read_text())
     meta["labels"] = {"background": 0, "Anterior": 1}
     (tmp_path / "data" / "dataset.json").write_text(json.dumps(meta))
     overrides = [f"data.root={tmp_path / 'data'}", *TINY, "train.epochs=1"]
-    with pytest.raises(ImageError, match=r"label value\(s\) \[2\] are not declared"):
+    with pytest.raises(DatasetError, match=r"label value\(s\) \[2\] not declared"):
         train(load_config(None, overrides), tmp_path / "run")
+
+
+def test_slice_wise_2d_model(tmp_path: Path, tiny_overrides: list[str], demo_dataset: Path) -> None:
+    from medseg.predict import PredictOptions, predict
+
+    overrides = [*tiny_overrides, "model.spatial_dims=2", "model.patch_size=[32,32]"]
+    run_dir = train(load_config(None, overrides), tmp_path / "run")
+    image = demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"
+    [out] = predict([image], tmp_path / "out", run_dir, PredictOptions("cpu", formats=("nifti",)))
+    import nibabel as nib
+
+    assert nib.load(out).shape == nib.load(image).shape
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert len(rows) == 2 and "val_dice_mean" in rows[-1]

@@ -1,0 +1,103 @@
+"""Dataset integrity check: every problem of every case, found before any training starts.
+
+Like nnU-Net's ``--verify_dataset_integrity``, but it collects all problems instead of stopping
+at the first, so a user fixes a dataset in one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.datasets import Case, Dataset, DatasetError, load_dataset
+from medseg.io import ImageError, load_labels, load_volume
+
+log = logging.getLogger(__name__)
+
+GRID_TOLERANCE_MM = 1e-2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: which case, which file, what is wrong (with how to fix it)."""
+
+    case: str
+    path: Path | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.case}: {self.message}"
+
+
+def check_dataset(root: Path, progress: bool = False) -> tuple[Dataset | None, list[Problem]]:
+    """Check a dataset folder; returns the dataset (None if unreadable) and all problems."""
+    try:
+        dataset = load_dataset(root)
+    except DatasetError as err:
+        return None, [Problem("dataset", Path(root) / "dataset.json", str(err))]
+    return dataset, check_cases(dataset, dataset.cases, progress)
+
+
+def check_cases(dataset: Dataset, cases: Iterable[Case], progress: bool = False) -> list[Problem]:
+    """Problems of the given cases of `dataset` (readability, grids, channels, label values)."""
+    problems: list[Problem] = []
+    for case in _iterate(list(cases), progress):
+        problems += list(_check_case(dataset, case))
+    return problems
+
+
+def _check_case(dataset: Dataset, case: Case) -> Iterator[Problem]:
+    try:
+        image = load_volume(case.images)
+    except ImageError as err:
+        yield Problem(case.name, case.images[0], str(err))
+        return
+    if image.array.shape[0] != len(dataset.channels):
+        yield Problem(
+            case.name,
+            case.images[0],
+            f"{case.images[0]}: has {image.array.shape[0]} channel(s), dataset.json declares "
+            f"{len(dataset.channels)}",
+        )
+    if case.label is None:
+        return
+    try:
+        labels = load_labels(case.label)
+    except ImageError as err:
+        yield Problem(case.name, case.label, str(err))
+        return
+    if labels.array.shape != image.shape:
+        yield Problem(
+            case.name,
+            case.label,
+            f"{case.label}: label shape {labels.array.shape} differs from image shape "
+            f"{image.shape}",
+        )
+    elif not np.allclose(labels.affine, image.affine, atol=GRID_TOLERANCE_MM):
+        yield Problem(
+            case.name,
+            case.label,
+            f"{case.label}: label origin/spacing/direction differ from the image's; resample the "
+            "label onto the image grid (nearest neighbour)",
+        )
+    undeclared = sorted(set(np.unique(labels.array).tolist()) - set(dataset.labels))
+    if undeclared:
+        yield Problem(
+            case.name,
+            case.label,
+            f"{case.label}: label value(s) {undeclared[:10]} not declared in dataset.json "
+            f"(declared: {sorted(dataset.labels)})",
+        )
+
+
+def _iterate(cases: list[Case], progress: bool) -> Iterator[Case]:
+    if not progress:
+        yield from cases
+        return
+    from rich.progress import track
+
+    yield from track(cases, description="checking", transient=True)
