@@ -7,6 +7,7 @@ nnU-Net layout) group ``CASE_0000``, ``CASE_0001``, ... files into case ``CASE``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -209,13 +210,18 @@ def predict_cases(
             # The NIfTI goes last: its presence with this stamp marks the scan as complete.
             written.append(save_labels(labels, like=volume, path=out, description=stamp))
         except Exception:
-            for fmt in formats:  # all of a scan's outputs, or none
-                sibling(out, fmt).unlink(missing_ok=True)
+            _remove_outputs(out, formats)  # all of a scan's outputs, or none
             raise
         log.debug("%s -> %s", paths[0], out)
     if "stats" in formats:
         _write_batch_stats(written, Path(output_dir) / BATCH_STATS)
     return written
+
+
+def _remove_outputs(out: Path, formats: tuple[str, ...]) -> None:
+    for fmt in formats:
+        with contextlib.suppress(OSError):  # e.g. the folder itself could not be made
+            sibling(out, fmt).unlink(missing_ok=True)
 
 
 def _requested(formats: tuple[str, ...], items: list[Item]) -> tuple[str, ...]:
