@@ -100,10 +100,15 @@ def train(
     """Train a model; the run folder then holds everything `medseg predict` needs."""
 
     def go() -> Path:
-        from medseg.config import load_config
+        from medseg.config import ConfigError, load_config
         from medseg.training import train as train_fn
 
         extra = list(overrides or []) + ([f"train.fold={fold}"] if fold is not None else [])
+        if resume and extra:
+            raise ConfigError(
+                f"--resume continues {run_dir} with its stored config.yaml; drop the overrides "
+                f"({' '.join(extra)}) or start a new --run-dir"
+            )
         cfg = load_config(config, extra)
         return train_fn(cfg, run_dir, resume=resume, progress=True)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,13 +39,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class Window:
+    """How the sliding window runs.
+
+    Attributes:
+        roi_size: window size; 3 numbers for a 3D model, 2 for a slice-wise 2D model
+            (windows then run over axial slices, the last axis).
+        overlap: window overlap fraction.
+        batch_size: windows per forward pass.
+        tta: average over all mirrorings of the spatial axes (8 passes in 3D).
+    """
+
+    roi_size: tuple[int, ...]
+    overlap: float = 0.5
+    batch_size: int = 2
+    tta: bool = False
+
+
 def sliding_window_probabilities(
     predictor: Predictor,
     image: torch.Tensor,
-    roi_size: Sequence[int],
-    overlap: float = 0.5,
-    sw_batch_size: int = 2,
-    tta: bool = False,
+    window: Window,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities for a preprocessed image.
@@ -52,11 +68,7 @@ def sliding_window_probabilities(
     Args:
         predictor: maps a batch (B, C, *roi) to logits (B, K, *roi).
         image: (C, X, Y, Z) preprocessed image.
-        roi_size: window size; 3 numbers for a 3D model, 2 for a slice-wise 2D model
-            (windows then run over axial slices, the last axis).
-        overlap: window overlap fraction.
-        sw_batch_size: windows per forward pass.
-        tta: average over all mirrorings of the spatial axes (8 passes in 3D).
+        window: window size, overlap, batch and TTA.
         device: where the predictor runs; the result is on the CPU.
 
     Returns:
@@ -66,13 +78,13 @@ def sliding_window_probabilities(
     batch = image.as_tensor() if isinstance(image, MetaTensor) else image
     batch = batch[None].to(device)
     flips: list[tuple[int, ...]] = [()]
-    if tta:
+    if window.tta:
         axes = (2, 3, 4)
         flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
     total = None
     for dims in flips:
         x = torch.flip(batch, dims) if dims else batch
-        logits = _window(predictor, x, roi_size, overlap, sw_batch_size)
+        logits = _window(predictor, x, window)
         probs = torch.softmax(logits.float(), dim=1)
         probs = torch.flip(probs, dims) if dims else probs
         total = probs if total is None else total + probs
@@ -80,9 +92,8 @@ def sliding_window_probabilities(
     return (total / len(flips))[0].cpu()
 
 
-def _window(
-    predictor: Predictor, x: torch.Tensor, roi: Sequence[int], overlap: float, sw_batch: int
-) -> torch.Tensor:
+def _window(predictor: Predictor, x: torch.Tensor, window: Window) -> torch.Tensor:
+    roi, overlap, sw_batch = window.roi_size, window.overlap, window.batch_size
     with torch.inference_mode():
         if len(roi) == 2:
             inferer = SliceInferer(
@@ -103,10 +114,7 @@ def predict_volume(
     predictor: Predictor,
     volume: Volume,
     plan: Plan,
-    roi_size: Sequence[int],
-    overlap: float = 0.5,
-    sw_batch_size: int = 2,
-    tta: bool = False,
+    window: Window,
     device: torch.device | None = None,
 ) -> np.ndarray:
     """Segment one volume and return labels on its own grid.
@@ -115,7 +123,7 @@ def predict_volume(
         predictor: maps (B, C, *roi) to logits (B, K, *roi).
         volume: the input image, any orientation and spacing.
         plan: preprocessing used in training (spacing, normalisation, labels).
-        roi_size, overlap, sw_batch_size, tta, device: see `sliding_window_probabilities`.
+        window, device: see `sliding_window_probabilities`.
 
     Returns:
         Integer labels of shape ``volume.shape`` (X, Y, Z) in the file's voxel order.
@@ -124,9 +132,7 @@ def predict_volume(
     with unwrapped_errors():
         data = pre({IMAGE: volume})
     image = data[IMAGE]
-    probs = sliding_window_probabilities(
-        predictor, image, roi_size, overlap, sw_batch_size, tta, device
-    )
+    probs = sliding_window_probabilities(predictor, image, window, device)
     meta = {k: v for k, v in image.meta.items() if k != "affine"}
     data[PRED] = MetaTensor(probs, affine=image.affine, meta=meta)
     data[PRED].applied_operations = list(image.applied_operations)

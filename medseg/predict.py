@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from medseg.config import ConfigError
-from medseg.inference import predict_volume, resolve_device
+from medseg.inference import Window, predict_volume, resolve_device
 from medseg.io import (
     ImageError,
     Volume,
@@ -185,6 +185,7 @@ def predict_cases(
     overlap = infer.overlap if options.overlap is None else options.overlap
     tta = infer.tta if options.tta is None else options.tta
     device = next(run.network.parameters()).device
+    window = Window(run.config.model.patch_size, overlap, infer.sw_batch_size, tta)
     stamp = f"medseg model {run.fingerprint} overlap {overlap:g} tta {int(tta)}"
     formats = _requested(options.formats, items)
     written = []
@@ -195,16 +196,7 @@ def predict_cases(
             written.append(out)
             continue
         volume = _load_for(run, paths)
-        labels = predict_volume(
-            _predictor(run),
-            volume,
-            run.plan,
-            run.config.model.patch_size,
-            overlap,
-            infer.sw_batch_size,
-            tta,
-            device,
-        )
+        labels = predict_volume(_predictor(run), volume, run.plan, window, device)
         try:
             _write_extras(labels, volume, run.plan.labels, out, formats)
             # The NIfTI goes last: its presence with this stamp marks the scan as complete.

@@ -32,7 +32,7 @@ from medseg import config as config_mod
 from medseg.config import Config, ConfigError
 from medseg.datasets import Case, DatasetError, load_dataset
 from medseg.evaluation import confusion, dice
-from medseg.inference import resolve_device, sliding_window_probabilities
+from medseg.inference import Window, resolve_device, sliding_window_probabilities
 from medseg.io import atomic_path
 from medseg.losses import build_loss
 from medseg.models import build_model
@@ -321,14 +321,10 @@ class _Trainer:
         labels = {v: n for v, n in self.plan.labels.items() if v != 0}
         counts = {v: np.zeros(3, np.int64) for v in labels}
         for item in self.val_ds:
-            probs = sliding_window_probabilities(
-                self._predictor,
-                item[IMAGE],
-                self.cfg.model.patch_size,
-                self.cfg.infer.overlap,
-                self.cfg.infer.sw_batch_size,
-                device=self.device,
+            window = Window(
+                self.cfg.model.patch_size, self.cfg.infer.overlap, self.cfg.infer.sw_batch_size
             )
+            probs = sliding_window_probabilities(self._predictor, item[IMAGE], window, self.device)
             pred = torch.argmax(probs, 0).numpy()
             ref = np.asarray(item[LABEL][0]).astype(np.int64)
             for v in labels:

@@ -444,3 +444,18 @@ def test_broken_dataset_folder(
     code, output = run_cli(["check", str(root)])
     assert code == 2, output
     assert message in output
+
+
+def test_resume_with_overrides_is_refused(tmp_path: Path) -> None:
+    code, output = run_cli(
+        [
+            "train",
+            "configs/hippocampus_3d.yaml",
+            "train.epochs=50",
+            "--run-dir",
+            str(tmp_path),
+            "--resume",
+        ]
+    )
+    assert code == 2
+    assert "--resume continues" in output and "train.epochs=50" in output

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medseg.config import ConfigError
-from medseg.inference import predict_volume, resolve_device, sliding_window_probabilities
+from medseg.inference import Window, predict_volume, resolve_device, sliding_window_probabilities
 from medseg.io import load_volume
 from medseg.planning import ChannelNorm, Plan, ras_spacing
 
@@ -26,7 +26,7 @@ def _plan(spacing: tuple[float, float, float]) -> Plan:
 def _check_identity(path: Path, roi: tuple[int, ...], tta: bool = False) -> None:
     volume = load_volume(path)
     plan = _plan(ras_spacing(volume.affine))  # native spacing: reorientation only
-    labels = predict_volume(threshold_predictor, volume, plan, roi, tta=tta)
+    labels = predict_volume(threshold_predictor, volume, plan, Window(roi, tta=tta))
     expected = volume.array[0] > volume.array[0].mean()
     assert labels.shape == volume.shape
     assert np.issubdtype(labels.dtype, np.integer)
@@ -58,7 +58,8 @@ def test_tta_keeps_flip_invariant_prediction(demo_dataset: Path) -> None:
 
 def test_resampled_prediction_lands_on_input_grid(shared_data: Path) -> None:
     volume = load_volume(shared_data / "sct_example/imagesTr/t2s_0000.nii.gz")
-    labels = predict_volume(threshold_predictor, volume, _plan((1.0, 1.0, 1.0)), (32, 32, 16))
+    window = Window((32, 32, 16))
+    labels = predict_volume(threshold_predictor, volume, _plan((1.0, 1.0, 1.0)), window)
     expected = volume.array[0] > volume.array[0].mean()
     assert labels.shape == volume.shape
     assert (labels == expected).mean() > 0.85  # resampling to 1 mm and back blurs edges only
@@ -66,7 +67,7 @@ def test_resampled_prediction_lands_on_input_grid(shared_data: Path) -> None:
 
 def test_probabilities_sum_to_one() -> None:
     image = torch.randn(1, 20, 24, 12)
-    probs = sliding_window_probabilities(threshold_predictor, image, (16, 16, 8), overlap=0.5)
+    probs = sliding_window_probabilities(threshold_predictor, image, Window((16, 16, 8), 0.5))
     assert probs.shape == (2, 20, 24, 12)
     torch.testing.assert_close(probs.sum(0), torch.ones(20, 24, 12))
 

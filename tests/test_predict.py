@@ -151,3 +151,18 @@ def test_dicom_series_to_dicom_seg(
 def test_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown output format 'jpeg'"):
         PredictOptions(formats=("jpeg",))
+
+
+def test_mha_input_keeps_its_grid(tiny_run: Path, demo_dataset: Path, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(demo_dataset / "imagesTr" / "hippocampus_149.nii.gz"))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))  # rotated in-plane
+    image.SetOrigin((10.0, -20.0, 5.5))
+    image.SetSpacing((0.9, 1.1, 1.3))
+    source = tmp_path / "rotated.mha"
+    sitk.WriteImage(image, str(source))
+    options = PredictOptions("cpu", formats=("nifti",))
+    [out] = predict([source], tmp_path / "out", tiny_run, options)
+    assert out.name == "rotated.nii.gz"
+    _assert_same_grid(out, source)
