@@ -44,6 +44,7 @@ import csv
 import json
 import logging
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,14 +132,17 @@ def hd95(ref_mask: np.ndarray, pred_mask: np.ndarray, spacing: Sequence[float]) 
         return math.inf
     from monai.metrics import compute_hausdorff_distance
 
-    # MONAI wants one-hot (batch, channel, *spatial) arrays.
-    distance = compute_hausdorff_distance(
-        y_pred=np.asarray(pred_mask, dtype=bool)[None, None],
-        y=np.asarray(ref_mask, dtype=bool)[None, None],
-        include_background=True,
-        percentile=95,
-        spacing=[float(s) for s in spacing],
-    )
+    # MONAI wants one-hot (batch, channel, *spatial) arrays. Its own internals trigger a
+    # deprecation warning (always_return_as_numpy) that means nothing to a medseg user.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        distance = compute_hausdorff_distance(
+            y_pred=np.asarray(pred_mask, dtype=bool)[None, None],
+            y=np.asarray(ref_mask, dtype=bool)[None, None],
+            include_background=True,
+            percentile=95,
+            spacing=[float(s) for s in spacing],
+        )
     return float(distance.item())
 
 
