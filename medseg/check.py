@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.datasets import Case, Dataset, DatasetError, load_dataset
-from medseg.io import ImageError, load_labels, load_volume
+from medseg.io import ImageError, LabelMap, Volume, load_labels, load_volume
 
 log = logging.getLogger(__name__)
 
@@ -70,28 +70,40 @@ def _check_case(dataset: Dataset, case: Case) -> Iterator[Problem]:
     except ImageError as err:
         yield Problem(case.name, case.label, str(err))
         return
+    for message in label_problems(labels, image, set(dataset.labels)):
+        yield Problem(case.name, case.label, message)
+
+
+def label_problems(labels: LabelMap, image: Volume, declared: set[int] | None) -> list[str]:
+    """What is wrong with a label map for its image: grid, shape, undeclared values.
+
+    Args:
+        labels: the label map.
+        image: the image it annotates.
+        declared: label values dataset.json declares; None skips the value check.
+
+    Returns:
+        One message per problem (each names the label file and how to fix it).
+    """
+    problems = []
     if labels.array.shape != image.shape:
-        yield Problem(
-            case.name,
-            case.label,
-            f"{case.label}: label shape {labels.array.shape} differs from image shape "
-            f"{image.shape}",
+        problems.append(
+            f"{labels.source}: label shape {labels.array.shape} differs from image shape "
+            f"{image.shape} ({image.source})"
         )
     elif not np.allclose(labels.affine, image.affine, atol=GRID_TOLERANCE_MM):
-        yield Problem(
-            case.name,
-            case.label,
-            f"{case.label}: label origin/spacing/direction differ from the image's; resample the "
-            "label onto the image grid (nearest neighbour)",
+        problems.append(
+            f"{labels.source}: label origin/spacing/direction differ from the image's "
+            f"({image.source}); resample the label onto the image grid (nearest neighbour)"
         )
-    undeclared = sorted(set(np.unique(labels.array).tolist()) - set(dataset.labels))
-    if undeclared:
-        yield Problem(
-            case.name,
-            case.label,
-            f"{case.label}: label value(s) {undeclared[:10]} not declared in dataset.json "
-            f"(declared: {sorted(dataset.labels)})",
-        )
+    if declared is not None:
+        undeclared = sorted(set(np.unique(labels.array).tolist()) - declared)
+        if undeclared:
+            problems.append(
+                f"{labels.source}: label value(s) {undeclared[:10]} not declared in dataset.json "
+                f"(declared: {sorted(declared)})"
+            )
+    return problems
 
 
 def _iterate(cases: list[Case], progress: bool) -> Iterator[Case]:

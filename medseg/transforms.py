@@ -18,13 +18,13 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
+from medseg.check import label_problems
 from medseg.config import Config
 from medseg.datasets import DatasetError
 from medseg.io import ImageError, Volume, load_labels, load_volume
 from medseg.planning import ChannelNorm, Plan
 
 IMAGE, LABEL = "image", "label"
-GRID_TOLERANCE_MM = 1e-2
 
 
 class LoadCased(mt.MapTransform):
@@ -44,32 +44,14 @@ class LoadCased(mt.MapTransform):
         d[IMAGE] = to_metatensor(volume.array, volume.affine, str(volume.source))
         if d.get(LABEL) is not None:
             labels = load_labels(d[LABEL])
-            if labels.array.shape != volume.shape:
-                raise ImageError(
-                    f"{labels.source}: label shape {labels.array.shape} differs from image "
-                    f"shape {volume.shape} ({volume.source})"
-                )
-            if not np.allclose(labels.affine, volume.affine, atol=GRID_TOLERANCE_MM):
-                raise ImageError(
-                    f"{labels.source}: label geometry (origin/spacing/direction) differs from "
-                    f"image {volume.source}; resample the label onto the image grid"
-                )
-            self._check_values(labels.array, labels.source)
+            problems = label_problems(labels, volume, self.labels)
+            if problems:
+                raise ImageError(problems[0])
             # Same grid: give the label the image's exact affine so both resample identically.
             d[LABEL] = to_metatensor(
                 labels.array[None].astype(np.float32), volume.affine, str(labels.source)
             )
         return d
-
-    def _check_values(self, array: np.ndarray, source: Any) -> None:
-        if self.labels is None:
-            return
-        undeclared = sorted(set(np.unique(array).tolist()) - self.labels)
-        if undeclared:
-            raise ImageError(
-                f"{source}: label value(s) {undeclared[:10]} are not declared in dataset.json "
-                f"(declared: {sorted(self.labels)})"
-            )
 
 
 @contextmanager
