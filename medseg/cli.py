@@ -7,7 +7,6 @@ User errors (bad paths, configs, images, datasets) print one line and exit with 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -268,11 +267,3 @@ def demo(
     typer.echo("")
     for label, path in result.outputs().items():
         typer.echo(f"{label:<22} {path}")
-
-
-def run() -> None:  # pragma: no cover - console entry for `python -m medseg`
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
