@@ -381,9 +381,8 @@ def _evaluate_pair(
             f"{pred_path} and {ref_path} have different affines; predictions must lie on the "
             "reference grid (resample the prediction with nearest neighbour)"
         )
-    spacing = np.linalg.norm(ref.affine[:3, :3], axis=0).tolist()
     try:
-        metrics = evaluate_case(ref.array, pred.array, labels, spacing)
+        metrics = evaluate_case(ref.array, pred.array, labels, ref.spacing)
     except ValueError as err:
         raise EvaluationError(f"{pred_path} vs {ref_path}: {err}") from None
     log.debug("evaluated %s", strip_suffix(ref_path.name))

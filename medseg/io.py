@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.orientations import io_orientation
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the three array axes."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return voxel_spacing(self.affine)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +77,46 @@ class LabelMap:
     array: np.ndarray
     affine: np.ndarray
     source: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three array axes."""
+        return voxel_spacing(self.affine)
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the three array axes (column norms of the affine)."""
+    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def ras_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the R, A, S axes, once the array is reoriented to RAS."""
+    out = [0.0, 0.0, 0.0]
+    for spacing, (ras_axis, _) in zip(voxel_spacing(affine), io_orientation(affine), strict=True):
+        out[int(ras_axis)] = spacing
+    return tuple(out)  # type: ignore[return-value]
+
+
+def check_label_array(labels: np.ndarray, shape: tuple[int, ...], source: Path | str) -> None:
+    """Check that `labels` is a non-negative integer map of spatial shape `shape`.
+
+    Args:
+        labels: label map, expected shape (X, Y, Z).
+        shape: the spatial shape of the image it belongs to.
+        source: the image's file, named in the message.
+
+    Raises:
+        ValueError: wrong shape, negative values, or values beyond the uint32 range.
+        TypeError: not an integer array.
+    """
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels have shape {labels.shape}, but {source} has {tuple(shape)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be an integer array, got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels must be non-negative, got minimum {labels.min()}")
+    if labels.size and labels.max() > np.iinfo(np.uint32).max:
+        raise ValueError(f"label value {labels.max()} exceeds the uint32 range")
 
 
 def is_dicom_dir(path: Path) -> bool:
@@ -185,15 +226,7 @@ def save_labels(
         path: output ``.nii.gz`` or ``.nii`` file.
         description: text for the NIfTI ``descrip`` field (at most 79 characters kept).
     """
-    spatial = like.array.shape[-3:]
-    if labels.shape != spatial:
-        raise ValueError(f"labels have shape {labels.shape}, but {like.source} has {spatial}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"labels must be an integer array, got {labels.dtype}")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"labels must be non-negative, got minimum {labels.min()}")
-    if labels.size and labels.max() > np.iinfo(np.uint32).max:
-        raise ValueError(f"label value {labels.max()} exceeds the uint32 range")
+    check_label_array(labels, like.array.shape[-3:], like.source)
     dtype = label_dtype(int(labels.max()) if labels.size else 0)
     header = like.header.copy() if isinstance(like, Volume) and like.header is not None else None
     image = nib.Nifti1Image(labels.astype(dtype), like.affine, header=header)
@@ -270,7 +303,7 @@ def _validate_array(array: np.ndarray, path: Path) -> None:
 
 
 def _validate_affine(affine: np.ndarray, path: Path) -> None:
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = np.asarray(voxel_spacing(affine))
     if not np.isfinite(affine).all() or (spacing <= 0).any():
         raise ImageError(f"{path}: header has zero or invalid voxel spacing {spacing.tolist()}")
     direction = affine[:3, :3] / spacing

@@ -12,12 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from medseg.config import Config
 from medseg.datasets import Dataset
-from medseg.io import atomic_path, load_labels, load_volume, read_geometry
+from medseg.io import atomic_path, load_labels, load_volume, ras_spacing, read_geometry
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +105,6 @@ def median_spacing(dataset: Dataset) -> tuple[float, float, float]:
         _, affine = read_geometry(case.images[0])
         spacings.append(ras_spacing(affine))
     return tuple(float(s) for s in np.median(np.array(spacings), axis=0))  # type: ignore[return-value]
-
-
-def ras_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel spacing along the RAS axes after reorienting a volume with this affine."""
-    zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    ornt = nib.orientations.io_orientation(affine)
-    out = [0.0, 0.0, 0.0]
-    for voxel_axis, (ras_axis, _) in enumerate(ornt):
-        out[int(ras_axis)] = float(zooms[voxel_axis])
-    return tuple(out)  # type: ignore[return-value]
 
 
 def foreground_statistics(

@@ -195,7 +195,7 @@ def predict_cases(
             log.info("%s: already predicted by this model, skipped", out)
             written.append(out)
             continue
-        volume = _load_for(run, paths)
+        volume = load_volume(paths)
         labels = predict_volume(_predictor(run), volume, run.plan, window, device)
         try:
             _write_extras(labels, volume, run.plan.labels, out, formats)
@@ -264,16 +264,6 @@ def _write_batch_stats(written: list[Path], path: Path) -> None:
 
     stats = [json.loads(sibling(out, "stats").read_text()) for out in written]
     export.write_stats_csv(stats, path)
-
-
-def _load_for(run: Run, paths: list[Path]) -> Volume:
-    volume = load_volume(paths)
-    if volume.array.shape[0] != len(run.plan.channels):
-        raise ImageError(
-            f"{paths[0]}: has {volume.array.shape[0]} channel(s), the model takes "
-            f"{len(run.plan.channels)} ({', '.join(run.plan.channels)})"
-        )
-    return volume
 
 
 def _predictor(run: Run):  # type: ignore[no-untyped-def]

@@ -88,9 +88,9 @@ class NormalizeChannelsd(mt.MapTransform):
     channels may mix schemes, which MONAI has no single transform for.
     """
 
-    def __init__(self, norms: Sequence[ChannelNorm]) -> None:
+    def __init__(self, norms: Sequence[ChannelNorm], names: Sequence[str]) -> None:
         super().__init__([IMAGE])
-        self.norms = tuple(norms)
+        self.norms, self.names = tuple(norms), tuple(names)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -98,7 +98,7 @@ class NormalizeChannelsd(mt.MapTransform):
         if image.shape[0] != len(self.norms):
             raise ImageError(
                 f"{image.meta.get('filename_or_obj', 'image')}: has {image.shape[0]} channel(s), "
-                f"the model takes {len(self.norms)}"
+                f"the model takes {len(self.norms)} ({', '.join(self.names)})"
             )
         out = image.clone().float()
         for c, norm in enumerate(self.norms):
@@ -126,7 +126,7 @@ def preprocessing(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[mt.T
             keys=list(keys), axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))
         ),
         mt.Spacingd(keys=list(keys), pixdim=plan.spacing, mode=modes),
-        NormalizeChannelsd(plan.normalization),
+        NormalizeChannelsd(plan.normalization, plan.channels),
     ]
 
 

@@ -10,8 +10,8 @@ import torch
 
 from medseg.config import ConfigError
 from medseg.inference import Window, predict_volume, resolve_device, sliding_window_probabilities
-from medseg.io import load_volume
-from medseg.planning import ChannelNorm, Plan, ras_spacing
+from medseg.io import load_volume, ras_spacing
+from medseg.planning import ChannelNorm, Plan
 
 
 def threshold_predictor(x: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medseg.export.anatomy import Code
-from medseg.export.labels import LabelInfo, check_labels, describe_labels, present_values
-from medseg.io import ImageError, Volume, atomic_path
+from medseg.export.labels import LabelInfo, describe_labels, present_values
+from medseg.io import ImageError, Volume, atomic_path, check_label_array
 
 if TYPE_CHECKING:
     from highdicom.seg import SegmentDescription
@@ -75,7 +75,7 @@ def write_dicom_seg(
     """
     import highdicom as hd
 
-    check_labels(labels, like.shape, like.source)
+    check_label_array(labels, like.shape, like.source)
     folder = Path(source_series if source_series is not None else like.source)
     instances = read_series(folder)
     values = present_values(labels)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -38,26 +37,6 @@ class LabelInfo:
     def color_float(self) -> tuple[float, float, float]:
         """The colour as RGB in 0-1."""
         return tuple(round(c / 255.0, 6) for c in self.color)  # type: ignore[return-value]
-
-
-def check_labels(labels: np.ndarray, shape: tuple[int, ...], source: Path | str) -> None:
-    """Check that `labels` is a non-negative integer map of spatial shape `shape`.
-
-    Args:
-        labels: label map, expected shape (X, Y, Z).
-        shape: the spatial shape of the image it belongs to.
-        source: the image's file, named in the message.
-
-    Raises:
-        ValueError: wrong shape or negative values.
-        TypeError: not an integer array.
-    """
-    if labels.ndim != 3 or tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"labels have shape {labels.shape}, but {source} has {tuple(shape)}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"labels must be an integer array, got {labels.dtype}")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"labels must be non-negative, got minimum {labels.min()}")
 
 
 def present_values(labels: np.ndarray) -> list[int]:

@@ -22,12 +22,11 @@ from nibabel.orientations import apply_orientation, io_orientation
 
 from medseg.export.labels import (
     bounding_boxes,
-    check_labels,
     describe_labels,
     label_centroid,
 )
 from medseg.export.stats import voxel_volume_mm3
-from medseg.io import Volume, atomic_path, strip_suffix
+from medseg.io import Volume, atomic_path, check_label_array, ras_spacing, strip_suffix
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -75,11 +74,8 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[flo
         The array with axes (R, A, S), each increasing towards right, anterior, superior, and
         the voxel size in mm along those axes.
     """
-    ornt = io_orientation(affine)
-    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-    ras_spacing = np.empty(3)
-    ras_spacing[ornt[:, 0].astype(int)] = spacing
-    return apply_orientation(array, ornt), tuple(float(s) for s in ras_spacing)  # type: ignore[return-value]
+    affine = np.asarray(affine, dtype=np.float64)
+    return apply_orientation(array, io_orientation(affine)), ras_spacing(affine)
 
 
 def view_slice(array_ras: np.ndarray, view: str, index: int) -> np.ndarray:
@@ -123,7 +119,7 @@ def qc_figure(
     """
     from matplotlib.figure import Figure
 
-    check_labels(labels, volume.shape, volume.source)
+    check_label_array(labels, volume.shape, volume.source)
     labels_ras, spacing = to_ras(labels, volume.affine)
     image_ras, _ = to_ras(volume.array[0], volume.affine)
     boxes = bounding_boxes(labels_ras)

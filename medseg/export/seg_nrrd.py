@@ -19,11 +19,10 @@ import numpy as np
 from medseg.export.labels import (
     LabelInfo,
     bounding_boxes,
-    check_labels,
     describe_labels,
     present_values,
 )
-from medseg.io import Volume, atomic_path, label_dtype
+from medseg.io import Volume, atomic_path, check_label_array, label_dtype
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def write_seg_nrrd(labels: np.ndarray, like: Volume, names: Mapping[int, str], p
     """
     import slicerio
 
-    check_labels(labels, like.shape, like.source)
+    check_label_array(labels, like.shape, like.source)
     infos = describe_labels(present_values(labels), names)
     boxes = bounding_boxes(labels)
     segmentation: dict[str, Any] = {

@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg.export.labels import bounding_boxes, check_labels, label_centroid, label_name
-from medseg.io import Volume, atomic_path, strip_suffix
+from medseg.export.labels import bounding_boxes, label_centroid, label_name
+from medseg.io import Volume, atomic_path, check_label_array, strip_suffix
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def label_statistics(
     Returns:
         A JSON-ready dict (NaN-free: missing values are None).
     """
-    check_labels(labels, volume.shape, volume.source)
+    check_label_array(labels, volume.shape, volume.source)
     affine = np.asarray(volume.affine, dtype=np.float64)
     boxes = bounding_boxes(labels)
     values = sorted({int(v) for v in names if int(v) > 0} | set(boxes))
