@@ -37,7 +37,7 @@ def main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
     )
-    for noisy in ("monai", "matplotlib", "PIL"):
+    for noisy in ("monai", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -81,7 +81,13 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 @app.command(context_settings={"allow_extra_args": False})
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="YAML config file (see configs/), or a dataset folder: planned first, as "
+            "'medseg plan' would."
+        ),
+    ],
     overrides: Annotated[
         list[str] | None,
         typer.Argument(help="Dotted overrides, e.g. train.epochs=2 data.root=DIR."),
@@ -92,28 +98,62 @@ def train(
     fold: Annotated[
         int | None, typer.Option("--fold", help="Validation fold (train.fold).")
     ] = None,
+    folds: Annotated[
+        str | None,
+        typer.Option(
+            "--folds",
+            help="'all': train every fold into RUN/fold_K; predict then ensembles them.",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --run-dir.")
     ] = False,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--max-minutes",
+            help="Wall-clock budget for the whole command (train.max_minutes); the learning "
+            "rate decays with elapsed time so the run ends converged.",
+        ),
+    ] = None,
 ) -> None:
     """Train a model; the run folder then holds everything `medseg predict` needs."""
 
     def go() -> Path:
         from medseg.config import ConfigError, load_config
         from medseg.training import train as train_fn
+        from medseg.training import train_folds
 
+        if folds not in (None, "all"):
+            raise ConfigError(f"--folds takes 'all', got {folds!r}; use --fold N for one fold")
+        if folds == "all" and fold is not None:
+            raise ConfigError("--folds all trains every fold; drop --fold")
         extra = list(overrides or []) + ([f"train.fold={fold}"] if fold is not None else [])
+        extra += [f"train.max_minutes={max_minutes}"] if max_minutes is not None else []
         if resume and extra:
             raise ConfigError(
                 f"--resume continues {run_dir} with its stored config.yaml; drop the overrides "
                 f"({' '.join(extra)}) or start a new --run-dir"
             )
-        cfg = load_config(config, extra)
+        cfg = _planned(config, extra) if config.is_dir() else load_config(config, extra)
+        if folds == "all":
+            return train_folds(cfg, run_dir, resume=resume, progress=True)
         return train_fn(cfg, run_dir, resume=resume, progress=True)
 
     out = _run(go)
     typer.echo(f"run folder: {out}")
-    typer.echo(f"validation predictions and metrics: {out / 'validation'}")
+    results = "crossval" if folds == "all" else "validation"
+    typer.echo(f"validation predictions and metrics: {out / results}")
+
+
+def _planned(dataset_dir: Path, overrides: list[str]) -> Any:
+    """Plan a config for a dataset folder (as `medseg plan`), then apply the overrides."""
+    from medseg.config import with_overrides
+    from medseg.planner import memory_budget, plan_dataset, summary
+
+    cfg, fingerprint = plan_dataset(dataset_dir, progress=True)
+    typer.echo(summary(cfg, fingerprint, memory_budget()))
+    return with_overrides(cfg, overrides)
 
 
 @app.command()
@@ -145,11 +185,19 @@ def predict(
             "(DICOM series inputs only). Default: all but dicom-seg.",
         ),
     ] = "nifti,seg-nrrd,ctbl,stats,png",
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="torch, onnx (needs 'medseg export') or auto: onnx on CPU when exported.",
+        ),
+    ] = "auto",
 ) -> None:
     """Segment scans; writes OUTPUT/NAME.nii.gz on each input's exact grid."""
 
     def go() -> list[Path]:
         from medseg.config import DEVICES, ConfigError
+        from medseg.inference import use_physical_cores
         from medseg.predict import PredictOptions
         from medseg.predict import predict as predict_fn
 
@@ -158,11 +206,36 @@ def predict(
         if overlap is not None and not 0 <= overlap < 1:
             raise ConfigError(f"--overlap must be in [0, 1), got {overlap}")
         chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
-        options = PredictOptions(device, overlap, tta, overwrite, chosen)
+        options = PredictOptions(device, overlap, tta, overwrite, chosen, engine)
+        use_physical_cores()
         return predict_fn(inputs, output, model, options, progress=True)
 
     written = _run(go)
     for path in written:
+        typer.echo(str(path))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder, or ensemble folder of fold_K runs.")],
+    fmt: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="File to write; default RUN/model.onnx."),
+    ] = None,
+) -> None:
+    """Export a trained model for other runtimes (`medseg predict --engine onnx` uses it)."""
+
+    def go() -> list[Path]:
+        from medseg.config import ConfigError
+        from medseg.engines import export_onnx
+        from medseg.runs import load_run
+
+        if fmt != "onnx":
+            raise ConfigError(f"--format must be onnx, got {fmt!r}")
+        return export_onnx(load_run(run, "cpu"), output)
+
+    for path in _run(go):
         typer.echo(str(path))
 
 
@@ -227,6 +300,48 @@ def _print_table(results: dict[str, Any]) -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+@app.command()
+def plan(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder holding dataset.json.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Config to write (NAME.yaml); NAME.fingerprint.json goes beside."
+        ),
+    ],
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-gb",
+            help="Training memory budget in GiB. Default: on CUDA the GPU's total memory, "
+            "on CPU a quarter of system RAM.",
+        ),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", help="auto, cpu or cuda: the device to plan for (auto: CUDA if present)."
+        ),
+    ] = "auto",
+) -> None:
+    """Plan a training config for a dataset (nnU-Net style): spacing, network, patch, batch."""
+
+    def go() -> tuple[str, Path]:
+        from medseg.config import ConfigError
+        from medseg.planner import memory_budget, plan_dataset, summary, write_planned_config
+
+        if output.suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"--output {output}: give a .yaml file, e.g. configs/NAME.yaml")
+        cfg, fingerprint = plan_dataset(dataset, memory_gb, device, progress=True)
+        budget = memory_budget(memory_gb, device)
+        fingerprint_path = write_planned_config(cfg, fingerprint, output, budget)
+        return summary(cfg, fingerprint, budget), fingerprint_path
+
+    text, fingerprint_path = _run(go)
+    typer.echo(text)
+    typer.echo(f"config:      {output}\nfingerprint: {fingerprint_path}")
 
 
 @app.command()

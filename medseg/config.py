@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ class ModelConfig:
     """Training patch and sliding-window size in voxels (2 numbers when spatial_dims is 2)."""
     norm: str = "instance"
     """Normalisation layer: instance or batch."""
+    deep_supervision: int = 0
+    """Extra low-resolution outputs trained with down-weighted losses (0 = off; < levels - 1)."""
+    strides: tuple[tuple[int, ...], ...] | None = None
+    """Per-level, per-axis downsampling strides, e.g. [[1, 1, 1], [2, 2, 1], [2, 2, 2]]
+    (first level all 1, then 1 or 2 per axis); null = 2 on every axis at every level."""
 
     def __post_init__(self) -> None:
         _check(
@@ -87,16 +93,67 @@ class ModelConfig:
             f"model.patch_size must have {self.spatial_dims} numbers for spatial_dims="
             f"{self.spatial_dims}, got {list(self.patch_size)}",
         )
-        factor = 2 ** (len(self.filters) - 1)
+        if self.strides is None:
+            factor = 2 ** (len(self.filters) - 1)
+            _check(
+                all(p >= factor and p % factor == 0 for p in self.patch_size),
+                f"model.patch_size must be multiples of {factor} (2^(levels-1) for "
+                f"{len(self.filters)} levels), got {list(self.patch_size)}",
+            )
+        else:
+            self._check_strides()
         _check(
-            all(p >= factor and p % factor == 0 for p in self.patch_size),
-            f"model.patch_size must be multiples of {factor} (2^(levels-1) for "
-            f"{len(self.filters)} levels), got {list(self.patch_size)}",
+            0 <= self.deep_supervision < len(self.filters) - 1,
+            f"model.deep_supervision must be in [0, {len(self.filters) - 2}] for "
+            f"{len(self.filters)} levels, got {self.deep_supervision}",
         )
         _check(
             self.norm in ("instance", "batch"),
             f"model.norm must be instance or batch, got {self.norm!r}",
         )
+
+    def _check_strides(self) -> None:
+        strides = [list(level) for level in self.strides or ()]
+        _check(
+            len(strides) == len(self.filters),
+            f"model.strides must have one entry per level ({len(self.filters)}), got {strides}",
+        )
+        _check(
+            all(len(level) == self.spatial_dims for level in strides),
+            f"model.strides entries must have {self.spatial_dims} numbers (one per axis), "
+            f"got {strides}",
+        )
+        _check(
+            all(s == 1 for s in strides[0]),
+            f"model.strides[0] must be all 1 (the first level keeps full resolution), "
+            f"got {strides[0]}",
+        )
+        _check(
+            all(s in (1, 2) for level in strides for s in level),
+            f"model.strides must be 1 or 2 per axis, got {strides}",
+        )
+        factors = downsampling_factors(self)
+        _check(
+            all(p % f == 0 for p, f in zip(self.patch_size, factors, strict=True)),
+            f"model.patch_size must be multiples of {factors} per axis (the product of "
+            f"model.strides along each axis), got {list(self.patch_size)}",
+        )
+
+
+def level_strides(model: ModelConfig) -> list[list[int]]:
+    """Per-level, per-axis strides: ``model.strides``, or 1 then 2 on every axis by default."""
+    if model.strides is not None:
+        return [list(level) for level in model.strides]
+    levels, dims = len(model.filters), model.spatial_dims
+    return [[1] * dims] + [[2] * dims for _ in range(levels - 1)]
+
+
+def downsampling_factors(model: ModelConfig) -> list[int]:
+    """Total downsampling per axis (product of the strides); patch sizes must be multiples."""
+    factors = [1] * model.spatial_dims
+    for level in level_strides(model):
+        factors = [f * s for f, s in zip(factors, level, strict=True)]
+    return factors
 
 
 @dataclass(frozen=True)
@@ -134,7 +191,10 @@ class TrainConfig:
     """Optimisation, data split and schedule."""
 
     epochs: int = 30
-    """Number of epochs."""
+    """Number of epochs (an upper bound when max_minutes is set)."""
+    max_minutes: float | None = None
+    """Wall-clock budget for the whole training command; the learning-rate schedule follows
+    elapsed time so the run ends converged within it. null = train for `epochs`."""
     iterations_per_epoch: int | None = None
     """Batches per epoch; null = one pass over the training cases."""
     batch_size: int = 4
@@ -154,7 +214,8 @@ class TrainConfig:
     foreground_fraction: float = 0.5
     """Fraction of patches centred on a foreground voxel (foreground oversampling)."""
     folds: int = 5
-    """Number of cross-validation folds the cases are split into."""
+    """Number of cross-validation folds the cases are split into; 1 = train on every case
+    and validate on the training cases (for datasets too small to hold any out)."""
     fold: int = 0
     """Which fold is held out for validation."""
     seed: int = 0
@@ -172,6 +233,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(
+            self.max_minutes is None or self.max_minutes > 0,
+            f"train.max_minutes must be > 0 or null, got {self.max_minutes}",
+        )
         _check(
             self.iterations_per_epoch is None or self.iterations_per_epoch >= 1,
             f"train.iterations_per_epoch must be >= 1 or null, got {self.iterations_per_epoch}",
@@ -194,7 +259,7 @@ class TrainConfig:
             0 <= self.foreground_fraction <= 1,
             f"train.foreground_fraction must be in [0, 1], got {self.foreground_fraction}",
         )
-        _check(self.folds >= 2, f"train.folds must be >= 2, got {self.folds}")
+        _check(self.folds >= 1, f"train.folds must be >= 1, got {self.folds}")
         _check(
             0 <= self.fold < self.folds,
             f"train.fold must be in [0, {self.folds - 1}], got {self.fold}",
@@ -270,22 +335,69 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Nested plain data (lists, str paths) suitable for YAML, inverse of `from_dict`."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        elif isinstance(value, Path):
-            value = str(value)
-        out[f.name] = value
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Copy of `cfg` with ``key=value`` overrides applied (see `load_config`)."""
+    raw = to_dict(cfg)
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw)
+
+
+def save_config(
+    cfg: Config, path: Path, comment: str = "", only: Sequence[str] | None = None
+) -> None:
+    """Write `cfg` as YAML (sections in dataclass order, lists of numbers on one line).
+
+    Args:
+        cfg: the config.
+        path: the YAML file.
+        comment: lines written first, each prefixed ``# ``.
+        only: dotted keys or sections to write (``model``, ``train.batch_size``); the others are
+            left out, so loading the file gives them their defaults. None writes every key.
+    """
+    raw = to_dict(cfg)
+    if only is not None:
+        raw = _select(raw, only)
+    header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines())
+    path.write_text(header + yaml.dump(raw, Dumper=_Dumper, sort_keys=False))
+
+
+def _select(raw: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The parts of nested `raw` named by dotted `keys`, in `raw`'s order."""
+    wanted = [key.split(".", 1) for key in keys]
+    out = {}
+    for name, value in raw.items():
+        inner = [rest[0] for head, *rest in wanted if head == name and rest]
+        if [name] in wanted:
+            out[name] = value
+        elif inner:
+            out[name] = _select(value, inner)
     return out
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    """Write `cfg` as YAML (sections in dataclass order)."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML with block mappings and lists of scalars on one line (``[16, 32, 64]``)."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    flow = not any(isinstance(v, (list, dict)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
 
 
 def replace(cfg: Config, **sections: Any) -> Config:

@@ -97,6 +97,14 @@ def ras_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(out)  # type: ignore[return-value]
 
 
+def ras_shape(shape: Sequence[int], affine: np.ndarray) -> tuple[int, int, int]:
+    """Spatial shape (X, Y, Z) along the R, A, S axes, once the array is reoriented to RAS."""
+    out = [0, 0, 0]
+    for size, (ras_axis, _) in zip(shape[:3], io_orientation(affine), strict=True):
+        out[int(ras_axis)] = int(size)
+    return tuple(out)  # type: ignore[return-value]
+
+
 def check_label_array(labels: np.ndarray, shape: tuple[int, ...], source: Path | str) -> None:
     """Check that `labels` is a non-negative integer map of spatial shape `shape`.
 

@@ -7,20 +7,28 @@ from collections.abc import Callable
 import torch
 from monai.networks.nets import DynUNet
 
-from medseg.config import ConfigError, ModelConfig
+from medseg.config import ConfigError, ModelConfig, level_strides
 
 
 def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
-    """U-Net with skip connections (MONAI DynUNet): 3x3(x3) convolutions, stride-2 downsampling.
+    """U-Net with skip connections (MONAI DynUNet): 3x3(x3) convolutions, strided downsampling.
+
+    Each level after the first downsamples by ``cfg.strides`` (per axis, 1 or 2; default 2 on
+    every axis), and the decoder upsamples by the same factors.
+
+    With ``cfg.deep_supervision`` = n, training-mode forward passes return (B, 1 + n, K, ...):
+    the full-resolution output then n lower-level outputs upsampled to it; eval mode returns
+    only the first.
 
     Args:
-        cfg: model section; ``filters`` sets the channels per level and the depth.
+        cfg: model section; ``filters`` sets the channels per level and the depth, ``strides``
+            the per-level, per-axis downsampling.
         in_channels: input image channels.
         out_channels: number of classes, background included.
     """
     levels = len(cfg.filters)
     kernel = [[3] * cfg.spatial_dims] * levels
-    strides = [[1] * cfg.spatial_dims] + [[2] * cfg.spatial_dims] * (levels - 1)
+    strides = level_strides(cfg)
     norm: str | tuple = ("instance", {"affine": True}) if cfg.norm == "instance" else "batch"
     return DynUNet(
         spatial_dims=cfg.spatial_dims,
@@ -31,7 +39,8 @@ def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.n
         upsample_kernel_size=strides[1:],
         filters=list(cfg.filters),
         norm_name=norm,
-        deep_supervision=False,
+        deep_supervision=cfg.deep_supervision > 0,
+        deep_supr_num=max(1, cfg.deep_supervision),
     )
 
 

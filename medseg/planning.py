@@ -1,4 +1,4 @@
-"""The dataset fingerprint a run needs for preprocessing: target spacing and normalisation.
+"""The preprocessing plan a run needs: target spacing and per-channel normalisation.
 
 A `Plan` is computed once from the training cases and saved in the run folder, so that
 prediction preprocesses new scans exactly as the training data was.
@@ -16,12 +16,10 @@ import numpy as np
 
 from medseg.config import Config
 from medseg.datasets import Dataset
-from medseg.io import atomic_path, load_labels, load_volume, ras_spacing, read_geometry
+from medseg.fingerprint import IntensityStats, case_geometry, sample_foreground
+from medseg.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-CT_PERCENTILES = (0.5, 99.5)
-SAMPLES_PER_CASE = 10_000
 
 
 @dataclass(frozen=True)
@@ -100,34 +98,21 @@ def channel_scheme(channel_name: str, setting: str) -> str:
 
 def median_spacing(dataset: Dataset) -> tuple[float, float, float]:
     """Median voxel spacing over all cases, per RAS axis, read from image headers."""
-    spacings = []
-    for case in dataset.cases:
-        _, affine = read_geometry(case.images[0])
-        spacings.append(ras_spacing(affine))
-    return tuple(float(s) for s in np.median(np.array(spacings), axis=0))  # type: ignore[return-value]
+    spacings = np.array([case_geometry(case).spacing for case in dataset.cases])
+    return tuple(float(s) for s in np.median(spacings, axis=0))  # type: ignore[return-value]
 
 
 def foreground_statistics(
     dataset: Dataset, channels: list[int], seed: int = 0
 ) -> dict[int, ChannelNorm]:
     """CT-style statistics of foreground (label > 0) intensities, sampled across all cases."""
-    rng = np.random.default_rng(seed)
-    samples: dict[int, list[np.ndarray]] = {c: [] for c in channels}
-    for case in dataset.cases:
-        image = load_volume(case.images)
-        mask = load_labels(case.label).array > 0 if case.label else np.ones(image.shape, bool)
-        for c in channels:
-            values = image.array[c][mask]
-            if values.size > SAMPLES_PER_CASE:
-                values = rng.choice(values, SAMPLES_PER_CASE, replace=False)
-            samples[c].append(values)
-    stats = {}
-    for c, parts in samples.items():
-        values = np.concatenate(parts) if parts else np.zeros(1, np.float32)
-        lower, upper = np.percentile(values, CT_PERCENTILES)
-        std = float(values.std()) or 1.0
-        stats[c] = ChannelNorm("ct", float(lower), float(upper), float(values.mean()), std)
-    return stats
+    samples = sample_foreground(dataset, channels, seed)
+    return {c: ct_norm(IntensityStats.of(dataset.channels[c], v)) for c, v in samples.items()}
+
+
+def ct_norm(stats: IntensityStats) -> ChannelNorm:
+    """The "ct" scheme from foreground statistics: clip to the 0.5-99.5 percentiles, standardise."""
+    return ChannelNorm("ct", stats.lower, stats.upper, stats.mean, stats.std or 1.0)
 
 
 def save_plan(plan: Plan, path: Path) -> None:

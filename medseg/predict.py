@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from medseg.config import ConfigError
+from medseg.engines import ENGINES, build_predictor, resolve_engine
 from medseg.inference import Window, predict_volume, resolve_device
 from medseg.io import (
     ImageError,
@@ -30,6 +30,7 @@ from medseg.io import (
     save_labels,
     strip_suffix,
 )
+from medseg.postprocessing import keep_largest_component
 from medseg.runs import Run, latest_run, load_run
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,13 @@ class PredictOptions:
     """Redo scans whose output already exists from the same model and settings."""
     formats: tuple[str, ...] = DEFAULT_FORMATS
     """Outputs per scan (see `FORMATS`); the NIfTI label map is always written."""
+    engine: str = "auto"
+    """torch, onnx (the run's model.onnx, see `medseg export`) or auto (onnx on CPU when
+    exported, else torch)."""
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         unknown = sorted(set(self.formats) - set(FORMATS))
         if unknown:
             raise ConfigError(
@@ -91,8 +97,9 @@ def predict(
     Args:
         inputs: image files, folders of images, or DICOM series folders.
         output_dir: where label maps are written.
-        model_dir: a run folder; None = the most recent run under ./runs.
-        options: device, overlap, TTA, overwrite.
+        model_dir: a run folder, or an ensemble folder of ``fold_K`` run folders (their
+            softmax outputs are averaged); None = the most recent run under ./runs.
+        options: device, overlap, TTA, overwrite, output formats, engine.
         progress: show a progress bar.
 
     Returns:
@@ -186,7 +193,9 @@ def predict_cases(
     tta = infer.tta if options.tta is None else options.tta
     device = next(run.network.parameters()).device
     window = Window(run.config.model.patch_size, overlap, infer.sw_batch_size, tta)
-    stamp = f"medseg model {run.fingerprint} overlap {overlap:g} tta {int(tta)}"
+    engine = resolve_engine(options.engine, run, device)
+    predictor = build_predictor(run, engine, device)
+    stamp = f"medseg model {run.fingerprint} overlap {overlap:g} tta {int(tta)} {engine}"
     formats = _requested(options.formats, items)
     written = []
     for name, paths in _iterate(items, progress):
@@ -196,7 +205,9 @@ def predict_cases(
             written.append(out)
             continue
         volume = load_volume(paths)
-        labels = predict_volume(_predictor(run), volume, run.plan, window, device)
+        labels = predict_volume(predictor, volume, run.plan, window, device)
+        if run.largest_component:
+            labels = keep_largest_component(labels, run.largest_component)
         try:
             _write_extras(labels, volume, run.plan.labels, out, formats)
             # The NIfTI goes last: its presence with this stamp marks the scan as complete.
@@ -264,18 +275,6 @@ def _write_batch_stats(written: list[Path], path: Path) -> None:
 
     stats = [json.loads(sibling(out, "stats").read_text()) for out in written]
     export.write_stats_csv(stats, path)
-
-
-def _predictor(run: Run):  # type: ignore[no-untyped-def]
-    network = run.network
-    channels_last = run.config.model.spatial_dims == 3
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return network(x)
-
-    return forward
 
 
 def _iterate(items: list[Item], progress: bool):  # type: ignore[no-untyped-def]

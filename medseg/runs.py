@@ -1,8 +1,9 @@
 """The self-describing run folder: layout, safe checkpoints, and loading a trained model.
 
 A run folder holds ``config.yaml`` (resolved), ``plan.json`` (spacing, normalisation, labels),
-``labels.json``, ``run.json`` (versions, data split), ``best.pt``/``last.pt`` (tensors and plain
-data only), ``metrics.csv``, ``training_curve.png`` and ``train.log``.
+``labels.json``, ``run.json`` (versions, data split), ``model.pt`` (the final weights) and
+``last.pt`` (the resumable state; tensors and plain data only), ``metrics.csv``,
+``training_curve.png``, ``train.log`` and ``postprocessing.json``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from medseg.planning import Plan, load_plan
 
 CONFIG, PLAN, LABELS, INFO = "config.yaml", "plan.json", "labels.json", "run.json"
 METRICS, CURVE, LOG = "metrics.csv", "training_curve.png", "train.log"
-BEST, LAST = "best.pt", "last.pt"
+MODEL, BEST, LAST = "model.pt", "best.pt", "last.pt"  # best.pt: runs made before medseg 0.2
 VALIDATION = "validation"
+POSTPROCESSING = "postprocessing.json"
+ONNX = "model.onnx"
+FOLD_PREFIX = "fold_"  # an ensemble folder holds fold_0/, fold_1/, ..., each a run folder
 
 
 class RunError(ValueError):
@@ -46,7 +50,17 @@ class Run:
     plan: Plan
     network: torch.nn.Module
     fingerprint: str = ""
-    """First 12 hex digits of the weights file's SHA-256: which model made an output."""
+    """First 12 hex digits of a SHA-256 over every member's weights and the post-processing
+    settings: which model made an output."""
+    members: tuple[Run, ...] = ()
+    """An ensemble's folds (each a single run); empty for a single run."""
+    largest_component: tuple[int, ...] = ()
+    """Label values of which predict keeps only the largest component (postprocessing.json)."""
+
+    @property
+    def folds(self) -> tuple[Run, ...]:
+        """The runs whose probabilities are averaged: the members, or the run itself."""
+        return self.members or (self,)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -74,18 +88,91 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def find_checkpoint(run_dir: Path) -> Path:
-    """best.pt when present, else last.pt."""
-    for name in (BEST, LAST):
+    """model.pt (final weights) when present, else best.pt (older runs), else last.pt."""
+    for name in (MODEL, BEST, LAST):
         if (run_dir / name).is_file():
             return run_dir / name
-    raise RunError(f"{run_dir}: no weights ({BEST} or {LAST}); is training finished?")
+    raise RunError(f"{run_dir}: no weights ({MODEL} or {LAST}); is training finished?")
+
+
+def fold_dirs(model_dir: Path) -> list[Path]:
+    """An ensemble folder's ``fold_K`` run folders in fold order; empty for a single run."""
+    folds = [
+        p
+        for p in Path(model_dir).glob(f"{FOLD_PREFIX}*")
+        if p.is_dir() and p.name[len(FOLD_PREFIX) :].isdigit()
+    ]
+    return sorted(folds, key=lambda p: int(p.name[len(FOLD_PREFIX) :]))
 
 
 def load_run(run_dir: Path, device: torch.device | str = "cpu") -> Run:
-    """Load config, plan and the best weights of a run folder."""
+    """Load a model folder: a single run folder, or an ensemble folder of ``fold_K`` runs.
+
+    The folds of an ensemble must share the network, the spacing, the channels and labels
+    and the normalisation schemes (CT statistics may differ: each fold applies its own).
+    ``postprocessing.json`` in the model folder lists labels to reduce to their largest
+    component.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: model folder not found")
+    folds = fold_dirs(run_dir) if not (run_dir / CONFIG).is_file() else []
+    members = tuple(_load_single(d, device) for d in folds)
+    run = members[0] if members else _load_single(run_dir, device)
+    for member in members[1:]:
+        _check_compatible(members[0], member)
+    largest = _read_postprocessing(run_dir / POSTPROCESSING)
+    digest = hashlib.sha256()
+    for fold in members or (run,):
+        digest.update(fold.fingerprint.encode())
+    digest.update(repr(largest).encode())
+    return Run(
+        run_dir,
+        run.config,
+        run.plan,
+        run.network,
+        digest.hexdigest()[:12],
+        members if len(members) > 1 else (),
+        largest,
+    )
+
+
+def _check_compatible(first: Run, other: Run) -> None:
+    a, b = first.plan, other.plan
+    same = (
+        first.config.model == other.config.model
+        and a.spacing == b.spacing
+        and a.channels == b.channels
+        and a.labels == b.labels
+        and [n.scheme for n in a.normalization] == [n.scheme for n in b.normalization]
+    )
+    if not same:
+        raise RunError(
+            f"{other.path}: network, spacing, channels, labels or normalisation differ from "
+            f"{first.path}; the folds of an ensemble must share them"
+        )
+
+
+def _read_postprocessing(path: Path) -> tuple[int, ...]:
+    """Label values listed under ``largest_component`` in ``postprocessing.json`` (if any)."""
+    if not path.is_file():
+        return ()
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"{path}: cannot read post-processing settings ({err})") from None
+    values = raw.get("largest_component", []) if isinstance(raw, dict) else None
+    if not isinstance(values, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    ):
+        raise RunError(f'{path}: expected {{"largest_component": [label values, ...]}}')
+    return tuple(values)
+
+
+def _load_single(run_dir: Path, device: torch.device | str) -> Run:
+    """Config, plan and final weights of one run folder."""
     from medseg.models import build_model
 
-    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: model folder not found")
     for name in (CONFIG, PLAN):
@@ -109,13 +196,20 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> Run:
 
 def latest_run(runs_root: Path = Path("runs")) -> Path:
     """The most recently modified run folder (one holding weights) under `runs_root`."""
-    candidates = [p.parent for name in (BEST, LAST) for p in runs_root.glob(f"**/{name}")]
+    found = [p.parent for name in (MODEL, BEST, LAST) for p in runs_root.glob(f"**/{name}")]
+    candidates = [_model_root(p) for p in found]
     if not candidates:
         raise RunError(
             f"no trained model found under {runs_root.resolve()}; train one with "
             "'medseg train CONFIG --run-dir runs/NAME' or pass --model RUN_DIR"
         )
-    return max(set(candidates), key=lambda p: max(f.stat().st_mtime for f in p.glob("*.pt")))
+    return max(set(candidates), key=lambda p: max(f.stat().st_mtime for f in p.glob("**/*.pt")))
+
+
+def _model_root(run_dir: Path) -> Path:
+    """The ensemble folder for a ``fold_K`` run inside one, else the run folder itself."""
+    is_fold = run_dir.name.startswith(FOLD_PREFIX) and run_dir.name[len(FOLD_PREFIX) :].isdigit()
+    return run_dir.parent if is_fold and not (run_dir.parent / CONFIG).is_file() else run_dir
 
 
 def write_json(data: Any, path: Path) -> None:

@@ -42,6 +42,9 @@ from medseg.transforms import IMAGE, LABEL, train_transforms, unwrapped_errors, 
 log = logging.getLogger(__name__)
 
 GRAD_CLIP = 12.0
+CROSSVAL = "crossval"
+FINAL_VALIDATION_OVERHEAD_S = 15.0  # loading the run, writing masks, computing HD95
+MIN_TRAIN_SECONDS = 10.0  # a budget leaving less than this for training is refused
 
 
 class TrainingError(ValueError):
@@ -57,7 +60,13 @@ class Split:
 
 
 def kfold_split(names: list[str], folds: int, fold: int, seed: int) -> Split:
-    """Shuffle case names with `seed`, cut them into `folds` parts and hold out part `fold`."""
+    """Shuffle case names with `seed`, cut them into `folds` parts and hold out part `fold`.
+
+    One fold means no held-out cases: every case trains and is also used for validation.
+    """
+    if folds == 1:
+        log.warning("train.folds=1: validation runs on the training cases (not held out)")
+        return Split(tuple(sorted(names)), tuple(sorted(names)))
     if len(names) < folds:
         raise TrainingError(
             f"{len(names)} cases cannot be split into {folds} folds; "
@@ -100,6 +109,64 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Fal
     run_dir.mkdir(parents=True, exist_ok=True)
     with _log_to(run_dir / runs.LOG):
         return _train(cfg, run_dir, resume, progress)
+
+
+def train_folds(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = False) -> Path:
+    """Train every fold into ``RUN/fold_K`` (an ensemble `medseg predict` averages).
+
+    A time budget (``train.max_minutes``) is shared equally between the folds. Afterwards the
+    held-out predictions of all folds are pooled (``RUN/crossval``) to score the
+    cross-validation and to decide the ensemble's post-processing.
+
+    Args:
+        cfg: the configuration; ``train.fold`` is ignored.
+        run_dir: the ensemble folder.
+        resume: skip finished folds and continue an interrupted one.
+        progress: show progress bars.
+    """
+    run_dir = Path(run_dir)
+    fold_dirs = [run_dir / f"fold_{k}" for k in range(cfg.train.folds)]
+    if not resume and any((d / runs.LAST).exists() for d in fold_dirs):
+        raise TrainingError(
+            f"{run_dir}: already holds trained folds; pass --resume to finish them "
+            "or choose another --run-dir"
+        )
+    budget = cfg.train.max_minutes
+    per_fold = None if budget is None else budget / cfg.train.folds
+    for fold, fold_dir in enumerate(fold_dirs):
+        if (fold_dir / runs.MODEL).is_file():
+            log.info("fold %d already trained, skipped", fold)
+            continue
+        fold_cfg = config_mod.replace(cfg, **{"train.fold": fold, "train.max_minutes": per_fold})
+        train(fold_cfg, fold_dir, resume and (fold_dir / runs.LAST).is_file(), progress)
+    _pool_cross_validation(run_dir, fold_dirs)
+    return run_dir
+
+
+def _pool_cross_validation(run_dir: Path, fold_dirs: list[Path]) -> None:
+    """Score all folds' held-out predictions together and decide the ensemble post-processing."""
+    from medseg.evaluation import evaluate_folders, write_results
+
+    pooled = run_dir / CROSSVAL
+    (pooled / "reference").mkdir(parents=True, exist_ok=True)
+    for fold_dir in fold_dirs:
+        validation = fold_dir / runs.VALIDATION
+        for pred in validation.glob("*.nii.gz"):
+            for link, target in (
+                (pooled / pred.name, pred),
+                (pooled / "reference" / pred.name, validation / "reference" / pred.name),
+            ):
+                link.unlink(missing_ok=True)
+                link.symlink_to(target.resolve())
+    labels = runs.load_plan(fold_dirs[0] / runs.PLAN).labels
+    results = evaluate_folders(pooled, pooled / "reference", labels)
+    write_results(results, pooled / "metrics.json")
+    log.info(
+        "cross-validation (%d cases): foreground mean Dice %.4f",
+        len(results["cases"]),
+        results["mean"]["foreground_mean"]["dice"],
+    )
+    _decide_postprocessing(pooled, labels, run_dir)
 
 
 def _check_names(cfg: Config) -> None:
@@ -146,10 +213,25 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
         trainer = _Trainer(cfg, plan, device, train_cases, val_cases)
         if resume:
             trainer.restore(runs.load_checkpoint(run_dir / runs.LAST))
+        elif cfg.train.max_minutes is not None:
+            trainer.set_budget(_training_budget(cfg.train.max_minutes, start, trainer))
         trainer.fit(run_dir, progress)
     _final_validation(run_dir, val_cases, device, progress)
     _record_wall_time(run_dir, time.perf_counter() - start)
     return run_dir
+
+
+def _training_budget(max_minutes: float, start: float, trainer: _Trainer) -> float:
+    """Seconds left for training once loading is done and the final validation is reserved."""
+    reserve = trainer.estimate_validation_seconds()
+    spent = time.perf_counter() - start
+    budget = max_minutes * 60 - spent - reserve
+    if budget < MIN_TRAIN_SECONDS:
+        raise TrainingError(
+            f"train.max_minutes={max_minutes:g} leaves no time to train: loading took "
+            f"{spent / 60:.1f} min and the final validation needs about {reserve / 60:.1f} min"
+        )
+    return budget
 
 
 def _record_wall_time(run_dir: Path, seconds: float) -> None:
@@ -196,6 +278,7 @@ def _write_run_files(cfg: Config, plan: Plan, split: Split, run_dir: Path) -> No
         "folds": cfg.train.folds,
         "train_cases": list(split.train),
         "val_cases": list(split.val),
+        "validation_held_out": cfg.train.folds > 1,
     }
     runs.write_json(info, run_dir / runs.INFO)
 
@@ -227,12 +310,14 @@ class _Trainer:
         self.steps_per_epoch = cfg.train.iterations_per_epoch or max(
             1, math.ceil(len(train_cases) / cfg.train.batch_size)
         )
+        self.clock = _Clock()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             _lr_lambda(
                 cfg,
                 self.steps_per_epoch * cfg.train.epochs,
                 self.steps_per_epoch * cfg.train.warmup_epochs,
+                self.clock,
             ),
         )
         self.amp = cfg.train.amp and device.type == "cuda"
@@ -242,7 +327,6 @@ class _Trainer:
         self.train_ds = _cached(_items(train_cases), fixed, cfg.data.cache)
         self.val_ds = _cached(_items(val_cases), val_transforms(plan), cfg.data.cache)
         self.start_epoch, self.history = 0, []
-        self.best = {"dice": -1.0, "epoch": -1}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a ``last.pt`` checkpoint."""
@@ -252,28 +336,55 @@ class _Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
         self.history = list(state["history"])
-        self.best = dict(state["best"])
+        self.clock.restore(state.get("clock", {}))
         log.info("resuming after epoch %d", self.start_epoch)
 
+    def set_budget(self, seconds: float) -> None:
+        """Fit the learning-rate schedule to `seconds` of training wall time."""
+        self.clock.budget = seconds
+        log.info(
+            "time budget: %.1f min of training; the learning rate decays with elapsed time",
+            seconds / 60,
+        )
+
+    def estimate_validation_seconds(self) -> float:
+        """Rough wall time of the final validation: one case timed, times the number of cases."""
+        if len(self.val_ds) == 0:
+            return 0.0
+        self._validate(limit=1)  # warm-up: the first pass pays one-off allocation costs
+        start = time.perf_counter()
+        self._validate(limit=1)
+        return FINAL_VALIDATION_OVERHEAD_S + 1.5 * len(self.val_ds) * (time.perf_counter() - start)
+
     def fit(self, run_dir: Path, progress: bool) -> None:
-        """Run the remaining epochs, validating and checkpointing as configured."""
+        """Run the remaining epochs (or until the time budget is spent), then save model.pt."""
         epochs = self.cfg.train.epochs
-        with _progress_bar(progress, (epochs - self.start_epoch) * self.steps_per_epoch) as bar:
+        total = self.clock.budget or (epochs - self.start_epoch) * self.steps_per_epoch
+        self.clock.start()
+        with _progress_bar(progress, total, self.clock) as bar:
             for epoch in range(self.start_epoch, epochs):
                 start = time.perf_counter()
                 loss = self._train_epoch(epoch, bar)
+                last = epoch == epochs - 1 or self.clock.done()
                 row: dict[str, Any] = {
                     "epoch": epoch,
                     "train_loss": loss,
                     "lr": self.optimizer.param_groups[0]["lr"],
                 }
-                if (epoch + 1) % self.cfg.train.val_every == 0 or epoch == epochs - 1:
+                if (epoch + 1) % self.cfg.train.val_every == 0 or last:
                     row.update(self._validate())
                 row["seconds"] = time.perf_counter() - start
+                row["elapsed_minutes"] = self.clock.elapsed() / 60
                 self.history.append(row)
-                self._checkpoint(run_dir, epoch, row)
+                self._checkpoint(run_dir, epoch)
                 _write_metrics(self.history, run_dir)
                 log.info("epoch %d/%d: %s", epoch + 1, epochs, _describe(row))
+                if last:
+                    break
+        runs.save_checkpoint(
+            {"model": self.net.state_dict(), "epoch": self.history[-1]["epoch"]},
+            run_dir / runs.MODEL,
+        )
 
     def _train_epoch(self, epoch: int, bar: Any) -> float:
         seed = self.cfg.train.seed * 100_003 + epoch
@@ -298,6 +409,9 @@ class _Trainer:
             losses.append(self._step(batch))
             if bar is not None:
                 bar.advance(losses[-1])
+            if self.clock.done():
+                log.info("time budget reached after %d steps of epoch %d", len(losses), epoch + 1)
+                break
         return float(np.mean(losses))
 
     def _step(self, batch: dict[str, Any]) -> float:
@@ -306,7 +420,7 @@ class _Trainer:
         y = torch.as_tensor(batch[LABEL]).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.amp):
-            loss = self.loss_fn(self.net(x), y)
+            loss = self._loss(self.net(x), y)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
@@ -315,15 +429,24 @@ class _Trainer:
         self.scheduler.step()
         return float(loss.detach())
 
-    def _validate(self) -> dict[str, float]:
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss on the main output, plus deep-supervision outputs with weights 1/2, 1/4, ..."""
+        if self.cfg.model.deep_supervision == 0:
+            return self.loss_fn(out, y)
+        heads = torch.unbind(out, dim=1)
+        weights = [0.5**i for i in range(len(heads))]
+        total = sum(w * self.loss_fn(h, y) for w, h in zip(weights, heads, strict=True))
+        return total / sum(weights)
+
+    def _validate(self, limit: int | None = None) -> dict[str, float]:
         """Per-label Dice on the validation cases, in the preprocessed (resampled) space."""
         self.net.eval()
         labels = {v: n for v, n in self.plan.labels.items() if v != 0}
         counts = {v: np.zeros(3, np.int64) for v in labels}
-        for item in self.val_ds:
-            window = Window(
-                self.cfg.model.patch_size, self.cfg.infer.overlap, self.cfg.infer.sw_batch_size
-            )
+        infer = self.cfg.infer
+        window = Window(self.cfg.model.patch_size, infer.overlap, infer.sw_batch_size, infer.tta)
+        for index in range(len(self.val_ds) if limit is None else min(limit, len(self.val_ds))):
+            item = self.val_ds[index]
             probs = sliding_window_probabilities(self._predictor, item[IMAGE], window, self.device)
             pred = torch.argmax(probs, 0).numpy()
             ref = np.asarray(item[LABEL][0]).astype(np.int64)
@@ -339,23 +462,16 @@ class _Trainer:
         with torch.autocast(self.device.type, enabled=self.amp):
             return self.net(x)
 
-    def _checkpoint(self, run_dir: Path, epoch: int, row: dict[str, Any]) -> None:
-        model_state = self.net.state_dict()
-        score = row.get("val_dice_mean")
-        if score is not None and not math.isnan(score) and score > self.best["dice"]:
-            self.best = {"dice": float(score), "epoch": epoch}
-            runs.save_checkpoint(
-                {"model": model_state, "epoch": epoch, "val_dice_mean": score}, run_dir / runs.BEST
-            )
+    def _checkpoint(self, run_dir: Path, epoch: int) -> None:
         runs.save_checkpoint(
             {
-                "model": model_state,
+                "model": self.net.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "epoch": epoch,
                 "history": self.history,
-                "best": self.best,
+                "clock": self.clock.state(),
             },
             run_dir / runs.LAST,
         )
@@ -394,13 +510,44 @@ def _optimizer(cfg: Config, net: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def _lr_lambda(cfg: Config, total: int, warmup: int) -> Any:
+class _Clock:
+    """Training wall time, summed over resumed sessions, against an optional budget."""
+
+    def __init__(self) -> None:
+        self.budget: float | None = None
+        self.previous = 0.0
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        running = 0.0 if self.started is None else time.perf_counter() - self.started
+        return self.previous + running
+
+    def fraction(self) -> float:
+        """Share of the budget spent (0 without a budget)."""
+        return min(1.0, self.elapsed() / self.budget) if self.budget else 0.0
+
+    def done(self) -> bool:
+        return self.budget is not None and self.elapsed() >= self.budget
+
+    def state(self) -> dict[str, float | None]:
+        return {"budget": self.budget, "elapsed": self.elapsed()}
+
+    def restore(self, state: dict[str, float | None]) -> None:
+        self.budget = state.get("budget")
+        self.previous = float(state.get("elapsed") or 0.0)
+
+
+def _lr_lambda(cfg: Config, total: int, warmup: int, clock: _Clock) -> Any:
+    """Warm-up, then cosine/poly decay over steps or elapsed budget, whichever is further."""
     schedule = cfg.train.schedule
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        t = max(min(1.0, (step - warmup) / max(1, total - warmup)), clock.fraction())
         if schedule == "poly":
             return (1 - t) ** 0.9
         return 0.5 * (1 + math.cos(math.pi * t))
@@ -456,7 +603,8 @@ def _describe(row: dict[str, Any]) -> str:
 def _final_validation(
     run_dir: Path, val_cases: list[Case], device: torch.device, progress: bool
 ) -> None:
-    """Predict the held-out cases with the best weights on their original grids and score them."""
+    """Predict the held-out cases with the final weights on their original grids, score them,
+    and decide the post-processing on them."""
     from medseg.evaluation import evaluate_folders, write_results
     from medseg.predict import PredictOptions, predict_cases
 
@@ -472,6 +620,7 @@ def _final_validation(
         link.symlink_to(Path(case.label).resolve())  # type: ignore[arg-type]
     results = evaluate_folders(out, ref_dir, run.plan.labels)
     write_results(results, out / "metrics.json")
+    _decide_postprocessing(out, run.plan.labels, run_dir)
     means = results["mean"]
     log.info(
         "final validation (original grids, %d cases): %s; foreground mean Dice %.4f",
@@ -481,16 +630,52 @@ def _final_validation(
     )
 
 
+def _decide_postprocessing(pred_dir: Path, labels: dict[int, str], run_dir: Path) -> None:
+    """Keep-largest-component per label, only where it raises that label's mean validation Dice.
+
+    nnU-Net's rule; the decision and the Dice with and without it go to ``postprocessing.json``,
+    which `medseg predict` applies.
+    """
+    from medseg.io import load_labels
+    from medseg.postprocessing import keep_largest_component
+
+    foreground = {v: n for v, n in labels.items() if v != 0}
+    raw: dict[int, list[float]] = {v: [] for v in foreground}
+    kept: dict[int, list[float]] = {v: [] for v in foreground}
+    for pred_path in sorted(pred_dir.glob("*.nii.gz")):
+        pred = load_labels(pred_path).array
+        ref = load_labels(pred_dir / "reference" / pred_path.name).array
+        for v in foreground:
+            raw[v].append(dice(*confusion(ref, pred, v)))
+            kept[v].append(dice(*confusion(ref, keep_largest_component(pred, [v]), v)))
+    decision: dict[str, Any] = {"largest_component": [], "validation_dice": {}}
+    for v, name in foreground.items():
+        before, after = float(np.nanmean(raw[v])), float(np.nanmean(kept[v]))
+        if after > before:
+            decision["largest_component"].append(v)
+        decision["validation_dice"][name] = {"raw": before, "largest_component": after}
+    runs.write_json(decision, run_dir / runs.POSTPROCESSING)
+    log.info(
+        "post-processing: keep the largest component of %s",
+        [foreground[v] for v in decision["largest_component"]] or "no label",
+    )
+
+
 class _Bar:
-    def __init__(self, progress: Any, task: Any) -> None:
-        self.progress, self.task = progress, task
+    """Steps done, or seconds of the budget spent when training against a clock."""
+
+    def __init__(self, progress: Any, task: Any, clock: _Clock) -> None:
+        self.progress, self.task, self.clock = progress, task, clock
 
     def advance(self, loss: float) -> None:
-        self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
+        if self.clock.budget:
+            self.progress.update(self.task, completed=self.clock.elapsed(), loss=f"{loss:.4f}")
+        else:
+            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
 
 
 @contextmanager
-def _progress_bar(enabled: bool, total: int) -> Any:
+def _progress_bar(enabled: bool, total: float, clock: _Clock) -> Any:
     if not enabled:
         yield None
         return
@@ -513,7 +698,7 @@ def _progress_bar(enabled: bool, total: int) -> Any:
         TimeRemainingColumn(),
     ]
     with Progress(*columns, transient=False) as progress:
-        yield _Bar(progress, progress.add_task("train", total=total, loss="-"))
+        yield _Bar(progress, progress.add_task("train", total=total, loss="-"), clock)
 
 
 @contextmanager

@@ -117,6 +117,23 @@ def normalize_channel(x: torch.Tensor, norm: ChannelNorm) -> torch.Tensor:
     return x
 
 
+def background_floor(x: torch.Tensor, norm: ChannelNorm) -> float | None:
+    """The value "nothing there" takes in a channel normalised by `normalize_channel`.
+
+    CT: anything below the clip floor (air), mapped exactly as the image was. z-score: the
+    normalised image's minimum (zero padding or a constant background). None for ``none``.
+
+    Args:
+        x: the normalised channel (any shape).
+        norm: how it was normalised.
+    """
+    if norm.scheme == "ct":
+        return float(normalize_channel(torch.tensor([-math.inf]), norm)[0])
+    if norm.scheme == "zscore":
+        return float(x.min())
+    return None
+
+
 def preprocessing(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[mt.Transform]:
     """Load, reorient to RAS, resample to the plan's spacing and normalise intensities."""
     modes = ["nearest" if k == LABEL else "bilinear" for k in keys]

@@ -26,6 +26,7 @@ def demo_dataset() -> Path:
 
 TINY = [
     "model.filters=[4,8,16]",
+    "model.deep_supervision=1",
     "model.patch_size=[32,32,32]",
     "train.epochs=2",
     "train.iterations_per_epoch=2",

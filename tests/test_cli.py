@@ -26,7 +26,7 @@ def test_train_predict_evaluate(
         "train", Path("configs/hippocampus_3d.yaml"), *tiny_overrides, "--run-dir", run_dir
     )
     assert result.exit_code == 0, result.output
-    assert (run_dir / "best.pt").is_file()
+    assert (run_dir / "model.pt").is_file()
 
     images = [demo_dataset / "imagesTr" / f"hippocampus_{n}.nii.gz" for n in ("319", "320")]
     result = invoke(

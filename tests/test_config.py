@@ -10,7 +10,9 @@ import yaml
 from medseg.config import (
     Config,
     ConfigError,
+    downsampling_factors,
     from_dict,
+    level_strides,
     load_config,
     save_config,
     to_dict,
@@ -65,8 +67,14 @@ def test_nested_override() -> None:
                 "train.iterations_per_epoch=7",
             ]
         ),
+        load_config(
+            overrides=[
+                "model.strides=[[1,1,1],[2,2,1],[2,2,2],[2,2,1]]",
+                "model.patch_size=[64, 48, 20]",
+            ]
+        ),
     ],
-    ids=["defaults", "custom"],
+    ids=["defaults", "custom", "strides"],
 )
 def test_dict_round_trip(cfg: Config, tmp_path: Path) -> None:
     raw = to_dict(cfg)
@@ -95,6 +103,19 @@ BAD_OVERRIDES = {
         "model.patch_size must be multiples of 8",
     ),
     "spacing_length": ("data.spacing=[1, 1]", "data.spacing must be three positive numbers"),
+    "strides_levels": (
+        "model.strides=[[1,1,1],[2,2,2]]",
+        "model.strides must have one entry per level (4)",
+    ),
+    "strides_axes": (
+        "model.strides=[[1,1],[2,2],[2,2],[2,2]]",
+        "model.strides entries must have 3 numbers",
+    ),
+    "strides_first_level": (
+        "model.strides=[[2,2,2],[2,2,2],[2,2,2],[1,1,1]]",
+        "model.strides[0] must be all 1",
+    ),
+    "strides_value": ("model.strides=[[1,1,1],[3,2,2],[2,2,2],[2,2,2]]", "must be 1 or 2"),
     "no_equals": ("train.epochs", "must look like section.key=value"),
     "section_as_value": ("train=5", "train must be a mapping"),
 }
@@ -143,3 +164,33 @@ def test_override_into_empty_section(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("train:\n  # epochs: 3\n")
     assert load_config(path, ["train.epochs=2"]).train.epochs == 2
+
+
+def test_strides_allow_anisotropic_patches() -> None:
+    cfg = load_config(
+        overrides=[
+            "model.strides=[[1,1,1],[2,2,1],[2,2,1],[2,2,2]]",
+            "model.patch_size=[64, 64, 6]",
+        ]
+    )
+    assert downsampling_factors(cfg.model) == [8, 8, 2]
+    assert level_strides(cfg.model)[1] == [2, 2, 1]
+    assert level_strides(Config().model) == [[1, 1, 1]] + [[2, 2, 2]] * 3
+    with pytest.raises(ConfigError, match=r"must be multiples of \[8, 8, 2\] per axis"):
+        load_config(
+            overrides=[
+                "model.strides=[[1,1,1],[2,2,1],[2,2,1],[2,2,2]]",
+                "model.patch_size=[64, 64, 5]",
+            ]
+        )
+
+
+def test_save_selected_keys_with_comment(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["train.batch_size=3", "model.patch_size=[32, 32, 32]"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path, comment="line one\n\nline two", only=["model", "train.batch_size"])
+    text = path.read_text()
+    assert text.startswith("# line one\n#\n# line two\nmodel:\n")
+    assert "patch_size: [32, 32, 32]" in text
+    assert yaml.safe_load(text) == {"model": to_dict(cfg)["model"], "train": {"batch_size": 3}}
+    assert load_config(path) == cfg

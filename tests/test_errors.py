@@ -180,9 +180,9 @@ def test_malicious_checkpoint_is_refused_and_never_runs(
 ) -> None:
     run = _copy_run(tiny_run, tmp_path)
     target = tmp_path / "pwned"
-    state = torch.load(run / "best.pt", weights_only=True)
+    state = torch.load(run / "model.pt", weights_only=True)
     state["extra"] = Payload(target)
-    torch.save(state, run / "best.pt")
+    torch.save(state, run / "model.pt")
     code, output = run_cli(
         ["predict", str(_demo_image(demo_dataset)), "--model", str(run), "--output", str(tmp_path)]
     )
@@ -194,9 +194,9 @@ def test_malicious_checkpoint_is_refused_and_never_runs(
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda run: [(run / n).unlink() for n in ("best.pt", "last.pt")], "no weights"),
+        (lambda run: [(run / n).unlink() for n in ("model.pt", "last.pt")], "no weights"),
         (lambda run: (run / "config.yaml").unlink(), "not a medseg run folder"),
-        (lambda run: (run / "best.pt").write_bytes(os.urandom(500)), "refusing to load"),
+        (lambda run: (run / "model.pt").write_bytes(os.urandom(500)), "refusing to load"),
         (lambda run: (run / "config.yaml").write_text("train: {epochs: 0}\n"), "train.epochs"),
         (
             lambda run: (run / "config.yaml").write_text("model: {filters: [4, 8, 16, 32]}\n"),

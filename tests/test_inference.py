@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from medseg.config import ConfigError
 from medseg.inference import Window, predict_volume, resolve_device, sliding_window_probabilities
-from medseg.io import load_volume, ras_spacing
+from medseg.io import Volume, load_volume, ras_spacing
 from medseg.planning import ChannelNorm, Plan
 
 
@@ -77,3 +78,204 @@ def test_cuda_request_without_gpu() -> None:
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         resolve_device("cuda")
+
+
+# --- streaming vs the reference path (MONAI sliding window on the whole image, Invertd) ---
+
+
+def reference_labels(
+    predictor: Callable[[torch.Tensor], torch.Tensor], volume: Volume, plan: Plan, window: Window
+) -> np.ndarray:
+    """The pre-streaming implementation: all-class probabilities on the input grid, argmax."""
+    from monai import transforms as mt
+    from monai.data import MetaTensor
+    from monai.inferers import SliceInferer, sliding_window_inference
+
+    from medseg.transforms import IMAGE, preprocessing
+
+    pre = mt.Compose(preprocessing(plan, keys=[IMAGE]))
+    data = pre({IMAGE: volume})
+    image = data[IMAGE]
+    x, roi = image.as_tensor()[None], window.roi_size
+    with torch.inference_mode():
+        if len(roi) == 2:
+            inferer = SliceInferer(
+                roi_size=roi, sw_batch_size=window.batch_size, overlap=window.overlap,
+                mode="gaussian", spatial_dim=2,
+            )  # fmt: skip
+            logits = inferer(x, predictor)
+        else:
+            logits = sliding_window_inference(
+                x, roi, window.batch_size, predictor, overlap=window.overlap, mode="gaussian"
+            )
+    meta = {k: v for k, v in image.meta.items() if k != "affine"}
+    data["pred"] = MetaTensor(torch.softmax(logits.float(), 1)[0], affine=image.affine, meta=meta)
+    data["pred"].applied_operations = list(image.applied_operations)
+    inverse = mt.Invertd(keys="pred", transform=pre, orig_keys=IMAGE, nearest_interp=False)
+    return torch.argmax(inverse(data)["pred"], dim=0).numpy()
+
+
+def random_network(classes: int, spatial_dims: int) -> torch.nn.Module:
+    """A fixed random convolutional net: position-dependent, noisy, many label boundaries."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d if spatial_dims == 3 else torch.nn.Conv2d
+    net = torch.nn.Sequential(
+        conv(1, 8, 5, padding=2), torch.nn.Tanh(), conv(8, classes, 3, padding=1)
+    )
+    for p in net.parameters():
+        p.data *= 3
+    return net.eval()
+
+
+def per_label_dice(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
+    values = np.union1d(np.unique(a), np.unique(b))
+    return {
+        int(v): 2 * ((a == v) & (b == v)).sum() / ((a == v).sum() + (b == v).sum()) for v in values
+    }
+
+
+AGREEMENT_CASES = [
+    ("demo", None, (16, 16, 16), 3),
+    ("demo", None, (32, 32), 12),
+    ("sct_example/imagesTr/t2_0000.nii.gz", None, (32, 32, 16), 12),  # PSR orientation
+    ("sct_example/imagesTr/t2s_0000.nii.gz", (1.0, 1.0, 1.0), (32, 32, 16), 12),  # 7.5 mm -> 1
+    ("sct_example/imagesTr/t2s_0000.nii.gz", (1.0, 1.0, 1.0), (32, 32), 3),
+]
+
+
+@pytest.mark.parametrize(("relative", "spacing", "roi", "classes"), AGREEMENT_CASES)
+def test_streaming_agrees_with_reference(
+    request: pytest.FixtureRequest,
+    relative: str,
+    spacing: tuple[float, float, float] | None,
+    roi: tuple[int, ...],
+    classes: int,
+) -> None:
+    if relative == "demo":
+        path = request.getfixturevalue("demo_dataset") / "imagesTr" / "hippocampus_165.nii.gz"
+    else:
+        path = request.getfixturevalue("shared_data") / relative
+    volume = load_volume(path)
+    labels = {v: f"class{v}" for v in range(classes)}
+    plan = Plan(spacing or ras_spacing(volume.affine), ("MRI",), labels, (ChannelNorm("zscore"),))
+    net = random_network(classes, len(roi))
+    window = Window(roi, overlap=0.5, batch_size=3)
+    got = predict_volume(net, volume, plan, window)
+    want = reference_labels(net, volume, plan, window)
+    assert got.shape == want.shape == volume.shape
+    assert min(per_label_dice(got, want).values()) >= 0.99
+    assert (got == want).mean() > 0.999  # in practice identical
+
+
+# --- skipping empty windows ---
+
+
+class CountingPredictor:
+    """threshold_predictor that counts the windows it sees."""
+
+    def __init__(self) -> None:
+        self.windows = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.windows += x.shape[0]
+        return threshold_predictor(x)
+
+
+def _ct_plan(volume: Volume) -> Plan:
+    norm = ChannelNorm("ct", lower=-900.0, upper=1500.0, mean=50.0, std=300.0)
+    return Plan(ras_spacing(volume.affine), ("CT",), {0: "background", 1: "body"}, (norm,))
+
+
+def test_empty_windows_are_skipped_with_the_same_mask(shared_data: Path) -> None:
+    scan = load_volume(shared_data / "totalseg_examples/CT/imagesTr/example_ct_sm_0000.nii.gz")
+    # A scanner's field of view holds air around the body; this crop holds almost none.
+    array = np.pad(scan.array, ((0, 0), (24, 24), (24, 24), (0, 0)), constant_values=-1024.0)
+    volume = Volume(array, scan.affine, scan.source)
+    plan = _ct_plan(volume)
+    full, skipping = CountingPredictor(), CountingPredictor()
+    roi = (32, 32, 16)
+    want = predict_volume(full, volume, plan, Window(roi, skip_empty=False))
+    got = predict_volume(skipping, volume, plan, Window(roi, skip_empty=True))
+    np.testing.assert_array_equal(got, want)
+    assert 0 < skipping.windows < full.windows  # air around the body was not run
+
+
+def test_empty_slices_are_skipped_in_2d() -> None:
+    array = np.full((1, 40, 40, 24), -1000.0, np.float32)
+    array[0, 10:30, 12:28, 5:15] = 400.0  # a body in 10 of 24 slices; air elsewhere
+    volume = Volume(array, np.diag([0.8, 0.8, 2.0, 1.0]), Path("synthetic.nii.gz"))
+    plan, counter = _ct_plan(volume), CountingPredictor()
+    labels = predict_volume(counter, volume, plan, Window((32, 32)))
+    np.testing.assert_array_equal(labels, array[0] > -900)
+    assert counter.windows == 10 * 4  # 2x2 windows in each of the 10 body slices
+
+
+def test_background_when_everything_is_empty() -> None:
+    volume = Volume(np.full((1, 20, 20, 20), -1024.0, np.float32), np.eye(4), Path("air.nii"))
+    counter = CountingPredictor()
+    labels = predict_volume(counter, volume, _ct_plan(volume), Window((16, 16, 16)))
+    assert counter.windows == 0 and not labels.any()
+
+
+# --- bounded memory: slabs, never the whole image ---
+
+
+@pytest.mark.parametrize("roi", [(16, 16, 8), (16, 16)], ids=["3d", "2d"])
+def test_slabs_are_bounded(roi: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    import medseg.inference
+    from medseg.slabs import SlabMapper
+
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(SlabMapper):
+        def add(self, slab):  # noqa: ANN001, ANN202
+            seen.append(tuple(slab.probs.shape))
+            super().add(slab)
+
+    monkeypatch.setattr(medseg.inference, "SlabMapper", Recording)
+    rng = np.random.default_rng(0)
+    volume = Volume(rng.normal(size=(1, 24, 20, 120)).astype(np.float32), np.eye(4), Path("x"))
+    plan = Plan((1.0, 1.0, 1.0), ("MRI",), {0: "a", 1: "b"}, (ChannelNorm("zscore"),))
+    labels = predict_volume(threshold_predictor, volume, plan, Window(roi))
+    np.testing.assert_array_equal(labels, volume.array[0] > volume.array[0].mean())
+    depth = roi[2] + 1 if len(roi) == 3 else medseg.inference.SLICE_CHUNK + 1
+    assert len(seen) > 3 and all(s[-1] <= depth for s in seen)
+    assert sum(s[-1] for s in seen) - (len(seen) - 1) == 120  # one shared plane per seam
+
+
+MEMORY_PROBE = """
+import resource, sys
+import numpy as np, torch
+from pathlib import Path
+from medseg.inference import Window, predict_volume
+from medseg.io import Volume
+from medseg.planning import ChannelNorm, Plan
+
+classes, shape = 40, (192, 192, 96)
+grid = np.meshgrid(*(np.linspace(0, 3, n, dtype=np.float32) for n in shape), indexing="ij")
+array = np.sin(grid[0] + grid[1] * grid[2])[None]  # smooth: labels change in bands
+volume = Volume(array, np.diag([0.5, 0.5, 0.5, 1.0]), Path("x"))
+names = {v: str(v) for v in range(classes)}
+plan = Plan((2.0, 2.0, 2.0), ("MRI",), names, (ChannelNorm("zscore"),))
+scale = torch.arange(classes, dtype=torch.float32).view(1, -1, 1, 1, 1) - classes / 2
+predictor = lambda x: x * scale  # noqa: E731
+predict_volume(predictor, Volume(array[:, :32, :32, :32], volume.affine, Path("y")), plan,
+               Window((16, 16, 8)))  # warm-up: allocator pools, lazy imports
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+labels = predict_volume(predictor, volume, plan, Window((16, 16, 8)))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, labels.shape == shape)
+"""
+
+
+def test_input_resolution_map_is_never_held_for_all_classes() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True
+    )
+    growth, right_shape = result.stdout.split()
+    all_classes = 40 * 192 * 192 * 96 * 4  # float32 probabilities on the input grid: 566 MB
+    assert right_shape == "True"
+    assert int(growth) < all_classes / 4

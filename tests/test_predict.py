@@ -166,3 +166,109 @@ def test_mha_input_keeps_its_grid(tiny_run: Path, demo_dataset: Path, tmp_path: 
     [out] = predict([source], tmp_path / "out", tiny_run, options)
     assert out.name == "rotated.nii.gz"
     _assert_same_grid(out, source)
+
+
+# --- ensembles and post-processing ---
+
+
+def _ensemble(tiny_run: Path, root: Path, folds: int = 2) -> Path:
+    for k in range(folds):
+        shutil.copytree(tiny_run, root / f"fold_{k}", ignore=shutil.ignore_patterns("*.onnx"))
+    # the ensemble's own post-processing decision (training pools the folds to make it)
+    shutil.copy(tiny_run / "postprocessing.json", root / "postprocessing.json")
+    return root
+
+
+def _labels(path: Path) -> np.ndarray:
+    from medseg.io import load_labels
+
+    return load_labels(path).array
+
+
+def test_ensemble_of_copies_equals_single_run(
+    tiny_run: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    from medseg.runs import load_run
+
+    image = demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"
+    options = PredictOptions("cpu", formats=("nifti",), engine="torch")
+    [single] = predict([image], tmp_path / "single", tiny_run, options)
+    ensemble = _ensemble(tiny_run, tmp_path / "ensemble")
+    assert len(load_run(ensemble).folds) == 2
+    [averaged] = predict([image], tmp_path / "averaged", ensemble, options)
+    assert (_labels(averaged) == _labels(single)).mean() > 0.999
+
+
+def test_ensemble_stamp_covers_every_fold(
+    tiny_run: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from medseg.io import read_description
+    from medseg.runs import load_run
+
+    ensemble = _ensemble(tiny_run, tmp_path / "ensemble")
+    before = load_run(ensemble).fingerprint
+    weights = ensemble / "fold_1" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    first = next(iter(state["model"]))
+    state["model"][first] = state["model"][first] + 1.0
+    torch.save(state, weights)
+    assert load_run(ensemble).fingerprint != before
+    image = demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"
+    [out] = predict([image], tmp_path / "out", ensemble, PredictOptions("cpu", formats=("nifti",)))
+    assert load_run(ensemble).fingerprint in str(read_description(out))
+
+
+def test_latest_run_finds_an_ensemble(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.runs import latest_run
+
+    _ensemble(tiny_run, tmp_path / "runs" / "cv")
+    monkeypatch.chdir(tmp_path)
+    assert latest_run() == Path("runs") / "cv"
+
+
+def test_postprocessing_keeps_largest_components(
+    tiny_run: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    from scipy import ndimage
+
+    from medseg.postprocessing import keep_largest_component
+
+    image = demo_dataset / "imagesTr" / "hippocampus_143.nii.gz"
+    options = PredictOptions("cpu", formats=("nifti",))
+    [raw] = predict([image], tmp_path / "raw", tiny_run, options)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "postprocessing.json").write_text('{"largest_component": [1, 2]}')
+    [cleaned] = predict([image], tmp_path / "cleaned", run, options)
+    got = _labels(cleaned)
+    np.testing.assert_array_equal(got, keep_largest_component(_labels(raw), [1, 2]))
+    for value in (1, 2):
+        assert ndimage.label(got == value)[1] <= 1
+
+
+def test_malformed_postprocessing_is_a_user_error(tiny_run: Path, tmp_path: Path) -> None:
+    from medseg.runs import RunError, load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "postprocessing.json").write_text('{"largest_component": "liver"}')
+    with pytest.raises(RunError, match="postprocessing.json"):
+        load_run(run)
+
+
+def test_ensemble_folds_must_match(tiny_run: Path, tmp_path: Path) -> None:
+    import json
+
+    from medseg.runs import RunError, load_run
+
+    ensemble = _ensemble(tiny_run, tmp_path / "ensemble")
+    plan_file = ensemble / "fold_1" / "plan.json"
+    plan = json.loads(plan_file.read_text())
+    plan["spacing"] = [2.0, 2.0, 2.0]
+    plan_file.write_text(json.dumps(plan))
+    with pytest.raises(RunError, match="must share"):
+        load_run(ensemble)

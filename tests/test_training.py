@@ -31,6 +31,11 @@ def test_kfold_folds_cover_every_case_once() -> None:
     assert sorted(held) == NAMES
 
 
+def test_one_fold_trains_and_validates_on_every_case() -> None:
+    split = kfold_split(NAMES[:1], 1, 0, seed=0)
+    assert split.train == split.val == (NAMES[0],)
+
+
 def test_kfold_split_too_few_cases() -> None:
     with pytest.raises(TrainingError, match="cannot be split into 5 folds"):
         kfold_split(NAMES[:3], 5, 0, seed=0)
@@ -43,7 +48,8 @@ def test_run_folder_is_self_describing(tiny_run: Path) -> None:
         "plan.json",
         "labels.json",
         "run.json",
-        "best.pt",
+        "model.pt",
+        "postprocessing.json",
         "last.pt",
         "metrics.csv",
         "training_curve.png",
@@ -81,7 +87,7 @@ def test_final_validation_scores_held_out_cases(tiny_run: Path) -> None:
 def test_checkpoints_hold_plain_data_only(tiny_run: Path) -> None:
     state = torch.load(tiny_run / "last.pt", weights_only=True)
     assert state["epoch"] == 1
-    assert {"model", "optimizer", "scheduler", "history", "best"} <= state.keys()
+    assert {"model", "optimizer", "scheduler", "history", "clock"} <= state.keys()
 
 
 def test_existing_run_needs_resume(tiny_run: Path, tiny_overrides: list[str]) -> None:
@@ -107,8 +113,8 @@ def test_resume_equals_uninterrupted(
 
     original = training._Trainer._checkpoint
 
-    def checkpoint_then_crash(self, run_dir, epoch, row):  # noqa: ANN001, ANN202
-        original(self, run_dir, epoch, row)
+    def checkpoint_then_crash(self, run_dir, epoch):  # noqa: ANN001, ANN202
+        original(self, run_dir, epoch)
         if epoch == 0:
             raise Crash
 
@@ -196,3 +202,45 @@ def test_slice_wise_2d_model(tmp_path: Path, tiny_overrides: list[str], demo_dat
     assert nib.load(out).shape == nib.load(image).shape
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert len(rows) == 2 and "val_dice_mean" in rows[-1]
+
+
+@pytest.mark.slow
+def test_time_budget_ends_converged(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """A budgeted run stops on its own, before its epoch cap, with the LR decayed to ~0."""
+    overrides = [*tiny_overrides, "train.epochs=10000", "train.max_minutes=0.5"]
+    run = train(load_config(None, overrides), tmp_path / "budget")
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert 1 < len(rows) < 10000
+    peak = load_config(run / "config.yaml").train.lr
+    assert float(rows[-1]["lr"]) < 0.02 * peak
+    assert float(rows[-1]["val_dice_mean"]) >= 0  # the last epoch is validated
+    assert (run / "model.pt").is_file()
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["clock"]["budget"] < 0.5 * 60
+
+
+def test_budget_too_small_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    with pytest.raises(TrainingError, match="leaves no time to train"):
+        train(load_config(None, [*tiny_overrides, "train.max_minutes=0.05"]), tmp_path / "r")
+
+
+@pytest.mark.slow
+def test_all_folds_pool_validation_and_decide_postprocessing(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    cfg = load_config(None, [*tiny_overrides, "train.folds=2", "train.epochs=1"])
+    run = training.train_folds(cfg, tmp_path / "ens")
+    folds = [run / "fold_0", run / "fold_1"]
+    assert all((f / "model.pt").is_file() for f in folds)
+    held = [json.loads((f / "run.json").read_text())["val_cases"] for f in folds]
+    assert set(held[0]).isdisjoint(held[1])
+    pooled = json.loads((run / "crossval" / "metrics.json").read_text())
+    assert sorted(pooled["cases"]) == sorted(held[0] + held[1])
+    decision = json.loads((run / "postprocessing.json").read_text())
+    assert set(decision["largest_component"]) <= {1, 2}
+    assert set(decision["validation_dice"]) == {"Anterior", "Posterior"}
+    with pytest.raises(TrainingError, match="--resume"):
+        training.train_folds(cfg, run)
+    before = [(f / "model.pt").stat().st_mtime_ns for f in folds]
+    training.train_folds(cfg, run, resume=True)  # finished folds are skipped, not retrained
+    assert [(f / "model.pt").stat().st_mtime_ns for f in folds] == before

@@ -1,0 +1,284 @@
+"""medseg.planning and medseg.planner: spacing rule, strides, memory-fitted patch and batch, CLI."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medseg.cli import app
+from medseg.config import ConfigError, ModelConfig, downsampling_factors, load_config
+from medseg.datasets import load_dataset
+from medseg.fingerprint import CaseGeometry, Fingerprint, IntensityStats, LabelStats
+from medseg.models import build_model
+from medseg.planner import (
+    MemoryBudget,
+    choose_spatial_dims,
+    cross_validation_folds,
+    estimate_memory_gib,
+    flip_axes,
+    memory_budget,
+    network_for,
+    plan_config,
+    plan_dataset,
+    pool_strides,
+    target_spacing,
+)
+from medseg.planning import median_spacing
+
+runner = CliRunner()
+CPU_8 = MemoryBudget("cpu", 8.0, "test")
+
+
+def _fingerprint(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    n_cases: int = 100,
+    labels: tuple[str, ...] = ("organ",),
+    channels: tuple[str, ...] = ("CT",),
+) -> Fingerprint:
+    """A synthetic fingerprint of `n_cases` identical cases (planning is pure)."""
+    names = {0: "background", **{i + 1: name for i, name in enumerate(labels)}}
+    return Fingerprint(
+        dataset="/data/synthetic",
+        layout="nnunet",
+        channels=channels,
+        labels=names,
+        cases=tuple(CaseGeometry(f"c{i}", shape, spacing) for i in range(n_cases)),
+        intensities=tuple(IntensityStats(c, 0, 1, 0, -1, 1, -2, 2) for c in channels),
+        label_stats=tuple(LabelStats(v, n, 1.0, 5e4, 50.0) for v, n in names.items() if v),
+    )
+
+
+def _forward(model: ModelConfig, in_channels: int, n_classes: int) -> torch.Size:
+    net = build_model(model, in_channels, n_classes).eval()
+    with torch.no_grad():
+        return net(torch.zeros(1, in_channels, *model.patch_size)).shape
+
+
+# ---- pure rules ----
+
+
+@pytest.mark.parametrize(
+    ("spacings", "expected"),
+    [
+        ([[1, 1, 1], [1, 1, 1.2], [0.9, 0.9, 1]], (1, 1, 1)),
+        # anisotropic: the z target is the 10th percentile of z spacings, not the median (5)
+        ([[0.8, 0.8, 5]] * 8 + [[0.8, 0.8, 2]] * 2, (0.8, 0.8, 2)),
+        # ... but never finer than the next-coarsest axis
+        ([[0.8, 0.8, 5]] * 8 + [[0.8, 0.8, 0.5]] * 2, (0.8, 0.8, 0.8)),
+        # the low-resolution axis can be any axis
+        ([[6, 1, 1]] * 9 + [[3, 1, 1]], (pytest.approx(5.7), 1, 1)),
+    ],
+    ids=["isotropic", "anisotropic", "anisotropic_clipped", "anisotropic_x"],
+)
+def test_target_spacing(spacings: list[list[float]], expected: tuple[float, ...]) -> None:
+    spacing = target_spacing(np.array(spacings, dtype=float))
+    assert spacing == pytest.approx(expected)
+
+
+def test_median_spacing_reads_headers(demo_dataset: Path) -> None:
+    assert median_spacing(load_dataset(demo_dataset)) == pytest.approx((1, 1, 1), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("patch", "spacing", "expected"),
+    [
+        ((40, 56, 40), (1, 1, 1), [[1, 1, 1]] + [[2, 2, 2]] * 3),
+        # 0.8 x 0.8 x 5 mm: z waits until in-plane pooling makes the spacings comparable
+        (
+            (192, 192, 28),
+            (0.8, 0.8, 5.0),
+            [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1]],
+        ),
+        # thin stack: z stops at a 4-voxel feature map, x and y go on
+        ((160, 160, 16), (1, 1, 1), [[1, 1, 1]] + [[2, 2, 2]] * 2 + [[2, 2, 1]] * 3),
+        ((256, 256), (1, 1), [[1, 1]] + [[2, 2]] * 6),
+    ],
+    ids=["isotropic", "anisotropic", "thin", "2d"],
+)
+def test_pool_strides(
+    patch: tuple[int, ...], spacing: tuple[float, ...], expected: list[list[int]]
+) -> None:
+    assert pool_strides(patch, spacing) == expected
+
+
+@pytest.mark.parametrize(
+    ("patch", "spacing"),
+    [((35, 51, 35), (1, 1, 1)), ((70, 66, 10), (0.8, 0.8, 5)), ((30, 17, 20), (1, 2, 3))],
+)
+def test_network_patch_divisible_by_strides(
+    patch: tuple[int, ...], spacing: tuple[float, ...]
+) -> None:
+    model = network_for(patch, spacing)
+    factors = downsampling_factors(model)
+    assert all(
+        p % f == 0 and p >= q for p, f, q in zip(model.patch_size, factors, patch, strict=True)
+    )
+    assert model.filters[0] == ModelConfig().filters[0] and max(model.filters) <= 256
+    assert len(model.filters) == len(model.strides)
+    assert _forward(model, 1, 2) == (1, 2, *model.patch_size)
+
+
+@pytest.mark.parametrize(
+    ("median", "dims"), [((35, 51, 35), 3), ((160, 160, 16), 3), ((256, 256, 12), 2)]
+)
+def test_choose_spatial_dims(median: tuple[int, ...], dims: int) -> None:
+    assert choose_spatial_dims(np.array(median, dtype=float)) == dims
+
+
+@pytest.mark.parametrize(
+    ("names", "axes"),
+    [
+        (["liver", "spleen"], (0, 1, 2)),
+        (["kidney_left", "kidney_right"], (1, 2)),
+        (["Anterior", "Posterior"], (0, 2)),
+        (["lung_upper_lobe_left", "heart"], (1,)),
+    ],
+)
+def test_flip_axes_spare_direction_specific_labels(names: list[str], axes: tuple[int]) -> None:
+    assert flip_axes(names, 3) == axes
+
+
+# ---- memory budget ----
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_smaller_budget_gives_smaller_patch_and_batch(device: str) -> None:
+    fp = _fingerprint((256, 256, 200), (1, 1, 1), n_cases=200)
+    plans = [plan_config(fp, MemoryBudget(device, gb, "test")) for gb in (1.5, 3, 6, 12, 48)]
+    voxels = [math.prod(c.model.patch_size) for c in plans]
+    batches = [c.train.batch_size for c in plans]
+    assert voxels == sorted(voxels) and voxels[0] < voxels[-1]
+    samples = [v * b for v, b in zip(voxels, batches, strict=True)]
+    assert samples == sorted(samples)
+    for cfg, gb in zip(plans, (1.5, 3, 6, 12, 48), strict=True):
+        used = estimate_memory_gib(cfg.model, 1, 2, cfg.train.batch_size, device)
+        assert used <= gb and cfg.train.batch_size >= 2
+
+
+def test_cpu_batch_cap() -> None:
+    fp = _fingerprint((64, 64, 64), (1, 1, 1), n_cases=10_000)
+    assert plan_config(fp, MemoryBudget("cpu", 16, "test")).train.batch_size == 4
+    assert plan_config(fp, MemoryBudget("cuda", 16, "test")).train.batch_size > 4
+
+
+def test_batch_covers_at_most_5_percent_of_the_dataset() -> None:
+    small = _fingerprint((40, 56, 40), (1, 1, 1), n_cases=100)
+    large = _fingerprint((40, 56, 40), (1, 1, 1), n_cases=10_000)
+    budget = MemoryBudget("cuda", 80.0, "test")
+    capped = plan_config(small, budget).train.batch_size
+    assert capped == 0.05 * 100 * 40 * 56 * 40 // (40 * 56 * 40)  # 5 cases' worth
+    assert plan_config(large, budget).train.batch_size > capped
+
+
+def test_budget_too_small_is_a_config_error() -> None:
+    fp = _fingerprint((256, 256, 200), (1, 1, 1))
+    with pytest.raises(ConfigError, match=r"--memory-gb 0.3 is too small"):
+        plan_config(fp, MemoryBudget("cpu", 0.3, "test"))
+
+
+def test_default_budget() -> None:
+    budget = memory_budget(None, "cpu")
+    assert budget.device == "cpu" and 0 < budget.gigabytes and "RAM" in budget.source
+    assert memory_budget(3, "cpu") == MemoryBudget("cpu", 3.0, "--memory-gb")
+    with pytest.raises(ConfigError, match="--memory-gb must be > 0"):
+        memory_budget(0, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        memory_budget(None, "cuda")
+
+
+# ---- whole plans ----
+
+
+def test_plan_demo(demo_dataset: Path) -> None:
+    cfg, fp = plan_dataset(demo_dataset, memory_gb=4, device="cpu")
+    assert cfg.data.root == demo_dataset and cfg.data.spacing == pytest.approx((1, 1, 1))
+    assert cfg.data.normalization == "auto"
+    assert cfg.model.spatial_dims == 3 and cfg.model.filters == (16, 32, 64, 128)
+    assert cfg.model.patch_size == (40, 48, 40)  # median 33 x 48.5 x 33, up to multiples of 8
+    assert cfg.train.batch_size == 2  # 10 small cases: 5% of the voxels is under one patch
+    assert cfg.train.device == "cpu" and cfg.infer.device == "cpu"
+    assert cfg.train.augment.flip_axes == (0, 2)  # Anterior/Posterior: no mirroring along y
+    assert len(fp.cases) == 10
+
+
+def test_plan_spleen_is_anisotropic(shared_data: Path) -> None:
+    cfg, _ = plan_dataset(shared_data / "spleen_crop", memory_gb=4, device="cpu")
+    assert cfg.data.spacing == pytest.approx((0.795, 0.795, 5.0), abs=1e-3)
+    strides = cfg.model.strides
+    assert strides[1] == (2, 2, 1) and strides[2] == (2, 2, 1)  # z waits for x and y
+    assert downsampling_factors(cfg.model)[2] < downsampling_factors(cfg.model)[0]
+    assert cfg.train.augment.rotate_degrees == 0  # no out-of-plane rotation of 5 mm slices
+    assert estimate_memory_gib(cfg.model, 1, 2, cfg.train.batch_size, "cpu") <= 4
+
+
+# ---- command line ----
+
+
+def test_cli_writes_a_loadable_config(demo_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "configs" / "demo.yaml"
+    result = runner.invoke(
+        app, ["plan", str(demo_dataset), "--output", str(out), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    for word in ("spacing", "3D U-Net", "patch", "40 x 48 x 40", "batch", "MRI: zscore"):
+        assert word in result.output
+    text = out.read_text()
+    assert text.startswith(
+        f"# Planned by `medseg plan` from {demo_dataset} (10 cases).\n# Planned for: cpu"
+    )
+    assert "demo.fingerprint.json" in text
+    assert "lr:" not in text  # left to the TrainConfig defaults
+    assert (tmp_path / "configs" / "demo.fingerprint.json").is_file()
+
+    cfg = load_config(out)
+    assert cfg == plan_dataset(demo_dataset, device="cpu")[0]
+    assert _forward(cfg.model, 1, 3) == (1, 3, *cfg.model.patch_size)
+
+
+def _broken_image(root: Path) -> None:
+    next((root / "imagesTr").iterdir()).write_bytes(b"not an image")
+
+
+@pytest.mark.parametrize(
+    ("edit", "extra", "message"),
+    [
+        (lambda root: (root / "dataset.json").unlink(), [], "dataset.json not found"),
+        (_broken_image, [], "cannot read image"),
+        (lambda root: None, ["--memory-gb", "0.1"], "--memory-gb 0.1 is too small"),
+        (lambda root: None, ["--device", "gpu"], "--device must be one of"),
+    ],
+    ids=["no_dataset_json", "unreadable_image", "tiny_budget", "bad_device"],
+)
+def test_cli_bad_input_exits_2(
+    edit, extra: list[str], message: str, demo_dataset: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "ds"
+    shutil.copytree(demo_dataset, root)
+    edit(root)
+    out = tmp_path / "plan.yaml"
+    result = runner.invoke(app, ["plan", str(root), "--output", str(out), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_cli_output_must_be_yaml(demo_dataset: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["plan", str(demo_dataset), "--output", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "give a .yaml file" in result.output
+
+
+@pytest.mark.parametrize(("cases", "folds"), [(1, 1), (2, 2), (5, 5), (200, 5)])
+def test_folds_follow_the_number_of_cases(cases: int, folds: int) -> None:
+    assert cross_validation_folds(cases) == folds
