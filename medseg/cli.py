@@ -7,6 +7,7 @@ User errors (bad paths, configs, images, datasets) print one line and exit with 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,13 +148,21 @@ def train(
 
 
 def _planned(dataset_dir: Path, overrides: list[str]) -> Any:
-    """Plan a config for a dataset folder (as `medseg plan`), then apply the overrides."""
-    from medseg.config import with_overrides
+    """Plan a config for a dataset folder (as `medseg plan`), then apply the overrides.
+
+    A time budget covers the whole command, so the planning time is taken off it.
+    """
+    from medseg.config import replace, with_overrides
     from medseg.planner import memory_budget, plan_dataset, summary
 
+    start = time.perf_counter()
     cfg, fingerprint = plan_dataset(dataset_dir, progress=True)
     typer.echo(summary(cfg, fingerprint, memory_budget()))
-    return with_overrides(cfg, overrides)
+    cfg = with_overrides(cfg, overrides)
+    if cfg.train.max_minutes is not None:
+        left = cfg.train.max_minutes - (time.perf_counter() - start) / 60
+        cfg = replace(cfg, **{"train.max_minutes": max(left, 0.1)})
+    return cfg
 
 
 @app.command()
@@ -172,7 +181,11 @@ def predict(
         float | None, typer.Option("--overlap", help="Window overlap (0-1).")
     ] = None,
     tta: Annotated[
-        bool | None, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation.")
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Mirroring test-time augmentation (the training mirror axes; 2^n passes).",
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo scans already predicted by this model.")

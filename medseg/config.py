@@ -284,7 +284,8 @@ class InferConfig:
     sw_batch_size: int = 2
     """Windows evaluated per forward pass."""
     tta: bool = False
-    """Average predictions over mirrored copies (test-time augmentation)."""
+    """Average predictions over mirrored copies (test-time augmentation), along the axes the
+    model was trained to mirror (train.augment.flip_axes): 2^n passes per window."""
     device: str = "auto"
     """auto, cpu or cuda."""
 

@@ -32,7 +32,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 
-from medseg.config import ConfigError
+from medseg.config import Config, ConfigError
 from medseg.io import Volume
 from medseg.planning import Plan
 from medseg.slabs import Slab, SlabMapper
@@ -87,7 +87,10 @@ class Window:
             (windows then run over axial slices, the last axis).
         overlap: window overlap fraction.
         batch_size: windows per forward pass.
-        tta: average over all mirrorings of the spatial axes (8 per window in 3D, 4 in 2D).
+        tta: spatial axes mirrored at test time; every combination of them is run and the
+            softmax outputs averaged (2^n passes per window); () = none. Use the axes the
+            model was trained to mirror (`tta_axes`): mirroring a left/right-specific model
+            along x would swap its sides.
         skip_empty: windows (3D) or slices (2D) whose input is all background (CT: air below
             the clip floor; z-scored MRI: the image's minimum, e.g. zero padding) are not run
             and get background probability 1.
@@ -96,7 +99,7 @@ class Window:
     roi_size: tuple[int, ...]
     overlap: float = 0.5
     batch_size: int = 2
-    tta: bool = False
+    tta: tuple[int, ...] = ()
     skip_empty: bool = True
 
 
@@ -217,24 +220,36 @@ def stream_probabilities(
         n_classes: K; may be None only when `floors` is None (then taken from the first output).
         device: where the predictor runs.
     """
-    forward = _forward_fn(predictor, window.tta, len(window.roi_size), device)
+    forward = _forward_fn(predictor, window.tta, device)
     if len(window.roi_size) == 2:
         return _stream_slices(forward, image, window, floors, n_classes)
     return _stream_windows(forward, image, window, floors, n_classes)
 
 
-def _forward_fn(
-    predictor: Predictor, tta: bool, spatial_dims: int, device: torch.device
-) -> Predictor:
+def tta_axes(cfg: Config, tta: bool) -> tuple[int, ...]:
+    """The spatial axes test-time augmentation mirrors: those the model was trained to mirror.
+
+    A model trained without mirroring has none to average over; asking for TTA then logs a
+    warning (nnU-Net likewise only mirrors along its training mirror axes).
+    """
+    if not tta:
+        return ()
+    axes = tuple(a for a in cfg.train.augment.flip_axes if a < cfg.model.spatial_dims)
+    if not axes:
+        log.warning(
+            "TTA skipped: the model was trained without mirroring (train.augment.flip_axes)"
+        )
+    return axes
+
+
+def _forward_fn(predictor: Predictor, tta: tuple[int, ...], device: torch.device) -> Predictor:
     """Logits for a batch of windows: on `device`, under autocast on CUDA, mirrored with TTA.
 
     With TTA the mirrored softmax outputs are averaged per window and returned as log
     probabilities (softmax(log p) = p), which blend like logits.
     """
-    flips = [()]
-    if tta:
-        axes = tuple(range(2, 2 + spatial_dims))
-        flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+    dims = tuple(2 + a for a in tta)  # (B, C, *spatial)
+    flips = [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if device.type != "cuda":
@@ -244,7 +259,7 @@ def _forward_fn(
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            if not tta:
+            if len(flips) == 1:
                 return run(x)
             total = None
             for dims in flips:

@@ -59,9 +59,16 @@ DEFAULT_FOLDS = 5
 MIN_BATCH = 2
 DATASET_BATCH_FRACTION = 0.05
 """One batch covers at most 5% of the dataset's voxels (nnU-Net)."""
-CPU_MAX_BATCH = {2: 16, 3: 4}
-"""On CPU, larger 3D batches were measured slower per volume on the project's 2-core machine;
-16 slices is the 2D batch of configs/hippocampus_2d.yaml."""
+CPU_MAX_BATCH = {2: 16, 3: 2}
+"""On CPU, throughput per volume does not grow with the 3D batch (4.00 vs 4.16 volumes/s for
+batch 2 vs 4), so the smallest batch gives the most updates per CPU-minute: +0.003 validation
+Dice in a 15-minute hippocampus budget (docs/recipe.md). 16 slices is the 2D batch of
+configs/hippocampus_2d.yaml."""
+CPU_MAX_PATCH_VOXELS = 96 * 96 * 64
+"""On CPU the patch is also capped in voxels: memory is rarely the limit there, time is. The
+BraTS plan fitted to memory alone (128x160x96, 6 levels) takes 27.6 s per training step of
+batch 2 on the project's 2 cores, so a 10-minute budget got one step; capped (96x96x64) it
+takes 7.0 s (`scripts/bench_step.py --config configs/brats_subset.yaml --classes 2`)."""
 CPU_MEMORY_FRACTION = 0.25
 """Default CPU budget: a quarter of system RAM (the rest holds the cached dataset and others)."""
 GIB = 2**30
@@ -200,7 +207,9 @@ def plan_config(fingerprint: Fingerprint, budget: MemoryBudget) -> Config:
     batch = fit_batch(model, fingerprint, spacing, budget)
     anisotropic = is_anisotropic(spacing)
     augment = AugmentConfig(
-        flip_axes=flip_axes(fingerprint.labels.values(), dims),
+        # mirroring slows convergence: measured -0.018 Dice after 10 epochs (docs/recipe.md),
+        # more than a CPU budget can make up; GPU plans mirror as nnU-Net does
+        flip_axes=flip_axes(fingerprint.labels.values(), dims) if budget.device == "cuda" else (),
         # out-of-plane rotation of thick slices interpolates across them; nnU-Net rotates
         # anisotropic data in-plane only, which AugmentConfig cannot express, so none
         rotate_degrees=0.0 if anisotropic and dims == 3 else AugmentConfig.rotate_degrees,
@@ -293,11 +302,20 @@ def filters_for(levels: int) -> tuple[int, ...]:
     return tuple(min(BASE_FILTERS * 2**level, MAX_FILTERS) for level in range(levels))
 
 
-def network_for(patch: tuple[int, ...], spacing: tuple[float, ...]) -> ModelConfig:
-    """U-Net for a patch: strides from `pool_strides`, patch rounded up to their multiples."""
+def network_for(
+    patch: tuple[int, ...], spacing: tuple[float, ...], round_down: bool = False
+) -> ModelConfig:
+    """U-Net for a patch: strides from `pool_strides`, patch rounded to their multiples.
+
+    Rounded up (nnU-Net), or down with ``round_down``: the CPU plan, where every padded voxel
+    costs compute that a small budget cannot spare (docs/recipe.md: the median-sized patch
+    rounded down gave more Dice per CPU-minute than rounded up). Down never goes below the
+    4-voxel feature map that `pool_strides` guarantees.
+    """
     strides = pool_strides(patch, spacing)
     factors = [math.prod(level[a] for level in strides) for a in range(len(patch))]
-    rounded = tuple(math.ceil(p / f) * f for p, f in zip(patch, factors, strict=True))
+    rounding = math.floor if round_down else math.ceil
+    rounded = tuple(rounding(p / f) * f for p, f in zip(patch, factors, strict=True))
     return ModelConfig(
         spatial_dims=len(patch),
         filters=filters_for(len(strides)),
@@ -325,16 +343,18 @@ def fit_network(
 ) -> ModelConfig:
     """The largest network, from the median shape down, whose batch of `MIN_BATCH` fits the budget.
 
-    While it does not fit, the axis with the largest patch-to-median ratio shrinks by its
-    downsampling factor and the strides are re-planned (nnU-Net v2).
+    On CPU the patch must also hold at most `CPU_MAX_PATCH_VOXELS`. While either fails, the
+    axis with the largest patch-to-median ratio shrinks by its downsampling factor and the
+    strides are re-planned (nnU-Net v2).
 
     Raises:
         ConfigError: even the smallest patch (16 voxels per axis) does not fit.
     """
-    model = network_for(initial_patch(median_shape, spacing), spacing)
+    cpu = budget.device == "cpu"
+    model = network_for(initial_patch(median_shape, spacing), spacing, round_down=cpu)
     while estimate_memory_gib(model, in_channels, n_classes, MIN_BATCH, budget.device) > (
         budget.gigabytes
-    ):
+    ) or (cpu and math.prod(model.patch_size) > CPU_MAX_PATCH_VOXELS):
         patch = np.array(model.patch_size)
         factors = np.array(downsampling_factors(model))
         ratio = np.where(patch - factors >= MIN_PATCH, patch / median_shape, -np.inf)
@@ -346,7 +366,7 @@ def fit_network(
             )
         axis = int(np.argmax(ratio))
         patch[axis] -= factors[axis]
-        model = network_for(tuple(int(p) for p in patch), spacing)
+        model = network_for(tuple(int(p) for p in patch), spacing, round_down=cpu)
     return model
 
 

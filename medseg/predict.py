@@ -19,7 +19,7 @@ import numpy as np
 
 from medseg.config import ConfigError
 from medseg.engines import ENGINES, build_predictor, resolve_engine
-from medseg.inference import Window, predict_volume, resolve_device
+from medseg.inference import Window, predict_volume, resolve_device, tta_axes
 from medseg.io import (
     ImageError,
     Volume,
@@ -62,7 +62,7 @@ class PredictOptions:
     overlap: float | None = None
     """Sliding-window overlap."""
     tta: bool | None = None
-    """Mirroring test-time augmentation."""
+    """Mirroring test-time augmentation (along the training mirror axes)."""
     overwrite: bool = False
     """Redo scans whose output already exists from the same model and settings."""
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -192,10 +192,11 @@ def predict_cases(
     overlap = infer.overlap if options.overlap is None else options.overlap
     tta = infer.tta if options.tta is None else options.tta
     device = next(run.network.parameters()).device
-    window = Window(run.config.model.patch_size, overlap, infer.sw_batch_size, tta)
+    mirror = tta_axes(run.config, tta)
+    window = Window(run.config.model.patch_size, overlap, infer.sw_batch_size, mirror)
     engine = resolve_engine(options.engine, run, device)
     predictor = build_predictor(run, engine, device)
-    stamp = f"medseg model {run.fingerprint} overlap {overlap:g} tta {int(tta)} {engine}"
+    stamp = f"medseg model {run.fingerprint} overlap {overlap:g} tta {list(mirror)} {engine}"
     formats = _requested(options.formats, items)
     written = []
     for name, paths in _iterate(items, progress):

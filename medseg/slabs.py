@@ -15,8 +15,9 @@ every input voxel (what MONAI's Invertd followed by argmax does):
 - in the other cells only each corner's top `CANDIDATES` classes are interpolated; a class
   that is in none of those lists is below the interpolated (CANDIDATES+1)-th value, so when the
   best candidate beats that bound the answer is exact, and otherwise all K classes are used;
-- when more than `DENSE_BOUNDARIES` of a chunk's voxels lie in disagreeing cells (an unsure
-  model), all classes are interpolated axis by axis in groups instead, which is then cheaper.
+- when many of a chunk's voxels lie in disagreeing cells, all classes are interpolated axis by
+  axis in groups instead, if a cost model (`_dense_is_cheaper`) says that is cheaper: it is for
+  unsure models and for few classes, not for a confident many-class model's organ boundaries.
 
 The result equals argmax(trilinear(probabilities)) up to floating-point ties.
 """
@@ -36,9 +37,15 @@ CANDIDATES = 2
 """Classes per cell corner interpolated for voxels in cells whose corners disagree."""
 CHUNK_VOXELS = 1 << 22
 """Input voxels labelled per step (bounds the index and label temporaries)."""
-DENSE_BOUNDARIES = 0.1
-"""Above this share of voxels in disagreeing cells (an unsure model), interpolate every class
-of the chunk axis by axis, which then costs less than gathering corners voxel by voxel."""
+SPREAD = 0.9
+"""A preprocessed voxel is unsure when its top CANDIDATES+1 classes hold less probability: the
+candidates' bound then often fails and the boundary path falls back to all classes."""
+BOUNDARY_COST, FALLBACK_COST = 1.2, 15.0
+"""Cost of the boundary path if every voxel lay in a disagreeing cell, with confident (1.2) or
+unsure (+15) probabilities; and of the all-classes path, per class and fixed. Seconds per
+1.77 M input voxels on the project's 2-core CPU, rounded from `scripts/bench_mapping.py`
+(docs/performance.md); only their ratios matter."""
+DENSE_COST_PER_CLASS, DENSE_COST_FIXED = 0.01, 0.03
 CLASS_GROUP = 8
 """Classes interpolated at once on that path (bounds its (classes, voxels) temporary)."""
 BOUNDARY_BATCH = 1 << 16
@@ -113,13 +120,15 @@ class SlabMapper:
             self.out = torch.zeros(self.shape, dtype=_torch_dtype(probs.shape[0]))
         cells = _cell_labels(probs.argmax(0))
         top = probs.topk(min(CANDIDATES + 1, probs.shape[0]), dim=0)
+        unsure = float((top.values.float().sum(0) < SPREAD).float().mean())
         plane = int(np.prod(self.shape)) // self.shape[self.sweep]
         step = max(1, CHUNK_VOXELS // plane)
         for i0 in range(int(picked[0]), int(picked[-1]) + 1, step):
             rows = slice(i0, min(i0 + step, int(picked[-1]) + 1))
             chunk = _Chunk(self.axes, self.sweep, rows, slab.start)
             labels = cells[chunk.index(lambda a: a.lo)]  # -1 where the corners disagree
-            if (labels < 0).float().mean() > DENSE_BOUNDARIES:
+            share = float((labels < 0).float().mean())
+            if _dense_is_cheaper(share, unsure, probs.shape[0]):
                 labels = _interpolate_separable(chunk, probs)
             else:
                 _label_boundaries(labels, chunk, probs, top, cells)
@@ -132,6 +141,18 @@ class SlabMapper:
         if self.out is None or not self.done.all():
             raise RuntimeError("slabs did not cover the whole preprocessed image")  # a bug
         return self.out.numpy()
+
+
+def _dense_is_cheaper(share: float, unsure: float, n_classes: int) -> bool:
+    """Whether interpolating all classes beats the boundary path for a chunk.
+
+    Args:
+        share: fraction of the chunk's voxels in cells whose corners disagree.
+        unsure: fraction of the slab's voxels whose top classes hold < `SPREAD`.
+        n_classes: K.
+    """
+    boundary = share * (BOUNDARY_COST + FALLBACK_COST * unsure)
+    return boundary > DENSE_COST_FIXED + DENSE_COST_PER_CLASS * n_classes
 
 
 def _torch_dtype(n_classes: int) -> torch.dtype:

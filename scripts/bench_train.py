@@ -75,8 +75,10 @@ def report(run_dir: Path, batch_size: int, minutes: float) -> None:
     for name, scores in final["labels"].items():
         print(f"final validation {name}: Dice {scores['dice']:.4f}")
     dice_mean = final["foreground_mean"]["dice"]
-    print(f"epochs: {len(rows)}, cases: {len(info['train_cases'])} train / "
-          f"{len(info['val_cases'])} validation")
+    print(
+        f"epochs: {len(rows)}, cases: {len(info['train_cases'])} train / "
+        f"{len(info['val_cases'])} validation"
+    )
     print(f"minutes={minutes:.1f} dice_mean={dice_mean:.3f}")
 
 

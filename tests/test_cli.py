@@ -6,15 +6,31 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 from typer.testing import CliRunner
 
 from medseg.cli import app
+from medseg.config import load_config
 
 runner = CliRunner()
 
 
 def invoke(*args: str | Path):  # noqa: ANN201 - click Result
     return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_train_a_dataset_folder_plans_first(tmp_path: Path, demo_dataset: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "model.strides=null"]  # the plan has strides for 4 levels, TINY 3
+    result = invoke("train", demo_dataset, *overrides, "--max-minutes", "2", "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "network" in result.output and "patch" in result.output  # the plan's summary
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.data.root == demo_dataset and saved.data.spacing is not None  # planned
+    assert saved.model.filters == (4, 8, 16)  # overrides win over the plan
+    assert 0 < saved.train.max_minutes < 2  # the planning time came off the budget
+    assert (run_dir / "model.pt").is_file()
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,8 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.config import ConfigError
-from medseg.inference import Window, predict_volume, resolve_device, sliding_window_probabilities
+from medseg import slabs
+from medseg.config import ConfigError, load_config
+from medseg.inference import (
+    Window,
+    predict_volume,
+    resolve_device,
+    sliding_window_probabilities,
+    tta_axes,
+)
 from medseg.io import Volume, load_volume, ras_spacing
 from medseg.planning import ChannelNorm, Plan
 
@@ -24,7 +32,7 @@ def _plan(spacing: tuple[float, float, float]) -> Plan:
     return Plan(spacing, ("MRI",), {0: "background", 1: "bright"}, (ChannelNorm("zscore"),))
 
 
-def _check_identity(path: Path, roi: tuple[int, ...], tta: bool = False) -> None:
+def _check_identity(path: Path, roi: tuple[int, ...], tta: tuple[int, ...] = ()) -> None:
     volume = load_volume(path)
     plan = _plan(ras_spacing(volume.affine))  # native spacing: reorientation only
     labels = predict_volume(threshold_predictor, volume, plan, Window(roi, tta=tta))
@@ -54,7 +62,25 @@ def test_real_geometry_round_trip(shared_data: Path, relative: str, roi: tuple[i
 
 
 def test_tta_keeps_flip_invariant_prediction(demo_dataset: Path) -> None:
-    _check_identity(demo_dataset / "imagesTr" / "hippocampus_149.nii.gz", (16, 16, 16), tta=True)
+    path = demo_dataset / "imagesTr" / "hippocampus_149.nii.gz"
+    _check_identity(path, (16, 16, 16), tta=(0, 1, 2))
+
+
+def test_tta_mirrors_only_the_training_mirror_axes(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(overrides=["train.augment.flip_axes=[0, 2]"])
+    assert tta_axes(cfg, tta=True) == (0, 2)
+    assert tta_axes(cfg, tta=False) == ()
+    flat = load_config(
+        overrides=[
+            "model.spatial_dims=2",
+            "model.patch_size=[64, 64]",
+            "train.augment.flip_axes=[1, 2]",
+        ]
+    )
+    assert tta_axes(flat, tta=True) == (1,)  # 2D: in-plane axes only
+    with caplog.at_level(logging.WARNING, logger="medseg.inference"):
+        assert tta_axes(load_config(), tta=True) == ()  # trained without mirroring
+    assert "TTA skipped" in caplog.text
 
 
 def test_resampled_prediction_lands_on_input_grid(shared_data: Path) -> None:
@@ -165,6 +191,31 @@ def test_streaming_agrees_with_reference(
     assert got.shape == want.shape == volume.shape
     assert min(per_label_dice(got, want).values()) >= 0.99
     assert (got == want).mean() > 0.999  # in practice identical
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["boundary-path", "dense-path"])
+def test_both_mapping_paths_agree_with_reference(
+    shared_data: Path, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(slabs, "_dense_is_cheaper", lambda share, unsure, k: dense)
+    volume = load_volume(shared_data / "sct_example/imagesTr/t2s_0000.nii.gz")  # 7.5 mm slices
+    plan = Plan(
+        (1.0, 1.0, 1.0), ("MRI",), {v: f"c{v}" for v in range(12)}, (ChannelNorm("zscore"),)
+    )
+    net = random_network(12, 3)
+    window = Window((32, 32, 16), overlap=0.5, batch_size=3)
+    got = predict_volume(net, volume, plan, window)
+    want = reference_labels(net, volume, plan, window)
+    assert (got == want).mean() > 0.999
+
+
+def test_mapping_cost_model() -> None:
+    # bench_mapping.py's cases: a trained 118-class model's organ boundaries, an unsure one,
+    # two random classes
+    assert not slabs._dense_is_cheaper(share=0.27, unsure=0.0, n_classes=118)
+    assert slabs._dense_is_cheaper(share=1.0, unsure=1.0, n_classes=118)
+    assert slabs._dense_is_cheaper(share=0.99, unsure=0.0, n_classes=2)
+    assert not slabs._dense_is_cheaper(share=0.0, unsure=1.0, n_classes=2)
 
 
 # --- skipping empty windows ---

@@ -17,6 +17,7 @@ from medseg.datasets import load_dataset
 from medseg.fingerprint import CaseGeometry, Fingerprint, IntensityStats, LabelStats
 from medseg.models import build_model
 from medseg.planner import (
+    CPU_MAX_PATCH_VOXELS,
     MemoryBudget,
     choose_spatial_dims,
     cross_validation_folds,
@@ -108,18 +109,20 @@ def test_pool_strides(
     assert pool_strides(patch, spacing) == expected
 
 
+@pytest.mark.parametrize("round_down", [False, True], ids=["up", "down"])
 @pytest.mark.parametrize(
     ("patch", "spacing"),
     [((35, 51, 35), (1, 1, 1)), ((70, 66, 10), (0.8, 0.8, 5)), ((30, 17, 20), (1, 2, 3))],
 )
 def test_network_patch_divisible_by_strides(
-    patch: tuple[int, ...], spacing: tuple[float, ...]
+    patch: tuple[int, ...], spacing: tuple[float, ...], round_down: bool
 ) -> None:
-    model = network_for(patch, spacing)
+    model = network_for(patch, spacing, round_down)
     factors = downsampling_factors(model)
-    assert all(
-        p % f == 0 and p >= q for p, f, q in zip(model.patch_size, factors, patch, strict=True)
-    )
+    for p, f, q in zip(model.patch_size, factors, patch, strict=True):
+        assert p % f == 0
+        assert q - f < p <= q if round_down else q <= p < q + f
+        assert p // f >= 4  # the deepest feature map keeps >= 4 voxels
     assert model.filters[0] == ModelConfig().filters[0] and max(model.filters) <= 256
     assert len(model.filters) == len(model.strides)
     assert _forward(model, 1, 2) == (1, 2, *model.patch_size)
@@ -164,8 +167,25 @@ def test_smaller_budget_gives_smaller_patch_and_batch(device: str) -> None:
 
 def test_cpu_batch_cap() -> None:
     fp = _fingerprint((64, 64, 64), (1, 1, 1), n_cases=10_000)
-    assert plan_config(fp, MemoryBudget("cpu", 16, "test")).train.batch_size == 4
+    assert plan_config(fp, MemoryBudget("cpu", 16, "test")).train.batch_size == 2
     assert plan_config(fp, MemoryBudget("cuda", 16, "test")).train.batch_size > 4
+
+
+def test_cpu_and_gpu_plans() -> None:
+    fp = _fingerprint((35, 51, 35), (1, 1, 1), labels=("Anterior", "Posterior"))
+    cpu = plan_config(fp, MemoryBudget("cpu", 8, "test"))
+    gpu = plan_config(fp, MemoryBudget("cuda", 16, "test"))
+    # compute-bound CPU budgets: patch rounded down, no mirroring (docs/recipe.md)
+    assert cpu.model.patch_size == (32, 48, 32) and cpu.train.augment.flip_axes == ()
+    # GPU: nnU-Net's rounding up and mirroring, sparing the Anterior/Posterior axis
+    assert gpu.model.patch_size == (40, 56, 40) and gpu.train.augment.flip_axes == (0, 2)
+
+
+def test_cpu_patch_is_capped_in_voxels() -> None:
+    fp = _fingerprint((240, 240, 155), (1, 1, 1), channels=("FLAIR", "T1"))
+    cpu = plan_config(fp, MemoryBudget("cpu", 64, "test")).model.patch_size
+    gpu = plan_config(fp, MemoryBudget("cuda", 64, "test")).model.patch_size
+    assert math.prod(cpu) <= CPU_MAX_PATCH_VOXELS < math.prod(gpu)
 
 
 def test_batch_covers_at_most_5_percent_of_the_dataset() -> None:
@@ -205,10 +225,11 @@ def test_plan_demo(demo_dataset: Path) -> None:
     assert cfg.data.root == demo_dataset and cfg.data.spacing == pytest.approx((1, 1, 1))
     assert cfg.data.normalization == "auto"
     assert cfg.model.spatial_dims == 3 and cfg.model.filters == (16, 32, 64, 128)
-    assert cfg.model.patch_size == (40, 48, 40)  # median 33 x 48.5 x 33, up to multiples of 8
+    # median 33 x 48.5 x 33, down to multiples of 8 on CPU (docs/recipe.md), up on GPU
+    assert cfg.model.patch_size == (32, 48, 32)
     assert cfg.train.batch_size == 2  # 10 small cases: 5% of the voxels is under one patch
     assert cfg.train.device == "cpu" and cfg.infer.device == "cpu"
-    assert cfg.train.augment.flip_axes == (0, 2)  # Anterior/Posterior: no mirroring along y
+    assert cfg.train.augment.flip_axes == ()  # CPU plans do not mirror (docs/recipe.md)
     assert len(fp.cases) == 10
 
 
@@ -231,7 +252,7 @@ def test_cli_writes_a_loadable_config(demo_dataset: Path, tmp_path: Path) -> Non
         app, ["plan", str(demo_dataset), "--output", str(out), "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
-    for word in ("spacing", "3D U-Net", "patch", "40 x 48 x 40", "batch", "MRI: zscore"):
+    for word in ("spacing", "3D U-Net", "patch", "32 x 48 x 32", "batch", "MRI: zscore"):
         assert word in result.output
     text = out.read_text()
     assert text.startswith(

@@ -58,7 +58,7 @@ def test_sigkill_mid_epoch_then_resume_equals_straight_run(
     for row_a, row_b in zip(a["history"], b["history"], strict=True):
         for key in ("train_loss", "lr", "val_dice_mean"):
             assert row_a[key] == pytest.approx(row_b[key], rel=1e-5, abs=1e-7)
-    assert not list(run.glob(".*tmp*")), "a temporary checkpoint was left behind"
+    assert not list(run.glob(".*tmp*")), "a half-written file of the killed run was left behind"
 
 
 def _scans(demo: Path) -> list[Path]:
@@ -94,7 +94,7 @@ def test_other_model_or_settings_redo_the_scan(
     scans = _scans(demo_dataset)[:1]
     predict(scans, out, tiny_run, CPU)
     first = _mtimes(out)["hippocampus_143.nii.gz"]
-    predict(scans, out, tiny_run, PredictOptions("cpu", tta=True))
+    predict(scans, out, tiny_run, PredictOptions("cpu", overlap=0.25))
     assert _mtimes(out)["hippocampus_143.nii.gz"] != first
 
 
