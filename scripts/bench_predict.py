@@ -40,8 +40,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CT = ROOT.parent / "shared" / "data" / "totalseg_examples" / "CT"
@@ -269,7 +273,6 @@ def mapping_child(model: Path, path: Path, reference: Path) -> dict:
     Returns the mapping time, the share of cells whose corners disagree (interpolated) and
     the Dice of the mapped labels with the reference on the input grid.
     """
-    import torch
     from monai import transforms as mt
 
     from medseg.inference import use_physical_cores
@@ -283,9 +286,7 @@ def mapping_child(model: Path, path: Path, reference: Path) -> dict:
     volume = load_volume(path)
     data = mt.Compose(preprocessing(plan))({IMAGE: volume, LABEL: reference})
     labels = data[LABEL].as_tensor()[0].long()
-    onehot = torch.zeros((len(plan.labels), *labels.shape)).scatter_(0, labels[None], 1.0)
-    probs = torch.nn.functional.avg_pool3d(onehot[None], 3, 1, 1, count_include_pad=False)[0]
-    del onehot
+    probs = smoothed_probabilities(labels, len(plan.labels))
     interpolated = float((_cell_labels(probs.argmax(0)) < 0).float().mean())
     start = time.perf_counter()
     mapper = SlabMapper(volume.affine, volume.shape, np.asarray(data[IMAGE].affine), labels.shape)
@@ -300,6 +301,22 @@ def mapping_child(model: Path, path: Path, reference: Path) -> dict:
         "dice": _mean_dice(mapped, truth),
         "classes": len(plan.labels),
     }
+
+
+def smoothed_probabilities(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """A trained model's output structure from a label map: one-hot, box-smoothed over 3 voxels.
+
+    Args:
+        labels: (X, Y, Z) int64 labels.
+        n_classes: K.
+
+    Returns:
+        (K, X, Y, Z) float32 probabilities.
+    """
+    import torch
+
+    onehot = torch.zeros((n_classes, *labels.shape)).scatter_(0, labels[None], 1.0)
+    return torch.nn.functional.avg_pool3d(onehot[None], 3, 1, 1, count_include_pad=False)[0]
 
 
 def _peak_rss_gb() -> float:
