@@ -190,7 +190,7 @@ class AugmentConfig:
 class TrainConfig:
     """Optimisation, data split and schedule."""
 
-    epochs: int = 30
+    epochs: int = 60
     """Number of epochs (an upper bound when max_minutes is set)."""
     max_minutes: float | None = None
     """Wall-clock budget for the whole training command; the learning-rate schedule follows

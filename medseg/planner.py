@@ -8,6 +8,7 @@ stay at the `TrainConfig` defaults. docs/planning.md lists every rule with its n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -69,6 +70,14 @@ CPU_MAX_PATCH_VOXELS = 96 * 96 * 64
 BraTS plan fitted to memory alone (128x160x96, 6 levels) takes 27.6 s per training step of
 batch 2 on the project's 2 cores, so a 10-minute budget got one step; capped (96x96x64) it
 takes 7.0 s (`scripts/bench_step.py --config configs/brats_subset.yaml --classes 2`)."""
+CPU_MAX_IMAGE_FRACTION = 0.4
+"""On CPU, when the whole median image fits under `CPU_MAX_PATCH_VOXELS`, the 3D patch holds at
+most 40% of it (the network keeps the depth planned for the image): random patches smaller than
+the image give more updates per CPU-minute and vary the context. Hippocampus (median
+35x50x36): 24x40x24 (37%) gave 0.885 validation Dice in 15 minutes, 32x48x32 (78%) 0.882
+(docs/recipe.md). Larger images are already cut to small patches by the voxel cap."""
+CPU_MIN_BOTTLENECK = 3
+"""Shrinking a patch to `CPU_MAX_IMAGE_FRACTION` keeps >= 3 voxels per axis at the lowest level."""
 CPU_MEMORY_FRACTION = 0.25
 """Default CPU budget: a quarter of system RAM (the rest holds the cached dataset and others)."""
 GIB = 2**30
@@ -79,7 +88,7 @@ GIB = 2**30
 # peak RSS increase less gradients and AdamW moments fits 4 bytes x batch x (13.9 x
 # sum over levels of filters x voxels + 5.2 x classes x patch voxels). With the rounded
 # factors below, every configuration of 0.4 GiB or more is within 13% (the 0.12 GiB one is 36%
-# under; OVERHEAD_GIB absorbs that). README's hippocampus run (patch 32x48x32, batch 4) peaked
+# under; OVERHEAD_GIB absorbs that). A hippocampus run (patch 32x48x32, batch 4) peaked
 # at 1.0 GB with its cached dataset and validation; this model gives 0.75 GiB for training.
 FEATURE_FACTOR = 14.0
 OUTPUT_FACTOR = 5.5
@@ -345,7 +354,8 @@ def fit_network(
 
     On CPU the patch must also hold at most `CPU_MAX_PATCH_VOXELS`. While either fails, the
     axis with the largest patch-to-median ratio shrinks by its downsampling factor and the
-    strides are re-planned (nnU-Net v2).
+    strides are re-planned (nnU-Net v2). A CPU plan for small 3D images then shrinks the patch
+    further (`shrink_to_image_fraction`).
 
     Raises:
         ConfigError: even the smallest patch (16 voxels per axis) does not fit.
@@ -367,7 +377,29 @@ def fit_network(
         axis = int(np.argmax(ratio))
         patch[axis] -= factors[axis]
         model = network_for(tuple(int(p) for p in patch), spacing, round_down=cpu)
+    if cpu and len(median_shape) == 3 and np.prod(median_shape) <= CPU_MAX_PATCH_VOXELS:
+        model = shrink_to_image_fraction(model, median_shape)
     return model
+
+
+def shrink_to_image_fraction(model: ModelConfig, median_shape: np.ndarray) -> ModelConfig:
+    """The same network with a patch of at most `CPU_MAX_IMAGE_FRACTION` of the median image.
+
+    The axis with the largest patch-to-median ratio shrinks by its downsampling factor while
+    the lowest level keeps `CPU_MIN_BOTTLENECK` voxels.
+    """
+    limit = CPU_MAX_IMAGE_FRACTION * float(np.prod(median_shape))
+    patch = np.array(model.patch_size)
+    factors = np.array(downsampling_factors(model))
+    while np.prod(patch) > limit:
+        ratio = np.where(
+            patch - factors >= CPU_MIN_BOTTLENECK * factors, patch / median_shape, -np.inf
+        )
+        if not np.isfinite(ratio).any():
+            break
+        axis = int(np.argmax(ratio))
+        patch[axis] -= factors[axis]
+    return dataclasses.replace(model, patch_size=tuple(int(p) for p in patch))
 
 
 def fit_batch(

@@ -8,6 +8,7 @@ Examples::
 
     python scripts/bench_step.py                                  # configs/hippocampus_3d.yaml
     python scripts/bench_step.py --contiguous                     # without channels-last
+    python scripts/bench_step.py --torch-norm                     # torch's InstanceNorm3d
     python scripts/bench_step.py --bf16                           # bfloat16 autocast on CPU
     python scripts/bench_step.py model.patch_size=[40,56,40] train.batch_size=2
 
@@ -24,7 +25,7 @@ import torch
 
 from medseg.config import load_config
 from medseg.losses import build_loss
-from medseg.models import build_model
+from medseg.models import ChannelsLastInstanceNorm3d, build_model
 
 
 def main() -> None:
@@ -34,6 +35,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--contiguous", action="store_true", help="no channels-last 3D")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument(
+        "--torch-norm",
+        action="store_true",
+        help="torch's InstanceNorm3d instead of medseg's ChannelsLastInstanceNorm3d",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -44,7 +50,10 @@ def main() -> None:
     memory = torch.contiguous_format
     if cfg.model.spatial_dims == 3 and not args.contiguous:
         memory = torch.channels_last_3d
-    net = build_model(cfg.model, 1, args.classes).to(memory_format=memory).train()
+    net = build_model(cfg.model, 1, args.classes)
+    if args.torch_norm:
+        _torch_norms(net)
+    net = net.to(memory_format=memory).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss_fn = build_loss(cfg.train.loss)
     batch = cfg.train.batch_size
@@ -67,6 +76,16 @@ def main() -> None:
     seconds = (time.perf_counter() - start) / args.steps
     print(f"threads={torch.get_num_threads()} patch={list(cfg.model.patch_size)} batch={batch}")
     print(f"vol_per_s={batch / seconds:.2f} ms_per_step={seconds * 1000:.0f}")
+
+
+def _torch_norms(net: torch.nn.Module) -> None:
+    """Swap medseg's channels-last instance norms back to torch's (same parameters)."""
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ChannelsLastInstanceNorm3d):
+                plain = torch.nn.InstanceNorm3d(child.num_features, child.eps, affine=child.affine)
+                plain.load_state_dict(child.state_dict())
+                setattr(module, name, plain)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_defaults() -> None:
     assert cfg.data.root is None
     assert cfg.model.filters == (16, 32, 64, 128)
     assert cfg.model.patch_size == (40, 56, 40)
-    assert cfg.train.epochs == 30
+    assert cfg.train.epochs == 60
     assert cfg.train.augment.flip_axes == ()
     assert cfg.infer.overlap == 0.5
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from medseg.planner import (
     plan_config,
     plan_dataset,
     pool_strides,
+    shrink_to_image_fraction,
     target_spacing,
 )
 from medseg.planning import median_spacing
@@ -175,10 +177,22 @@ def test_cpu_and_gpu_plans() -> None:
     fp = _fingerprint((35, 51, 35), (1, 1, 1), labels=("Anterior", "Posterior"))
     cpu = plan_config(fp, MemoryBudget("cpu", 8, "test"))
     gpu = plan_config(fp, MemoryBudget("cuda", 16, "test"))
-    # compute-bound CPU budgets: patch rounded down, no mirroring (docs/recipe.md)
-    assert cpu.model.patch_size == (32, 48, 32) and cpu.train.augment.flip_axes == ()
+    # compute-bound CPU budgets: the network planned for the median image rounded down
+    # (32x48x32: 4 levels), its patch shrunk to <= 40% of the image; no mirroring (docs/recipe.md)
+    assert cpu.model.patch_size == (24, 40, 24) and cpu.train.augment.flip_axes == ()
+    assert cpu.model.filters == (16, 32, 64, 128) and cpu.model.strides == gpu.model.strides
     # GPU: nnU-Net's rounding up and mirroring, sparing the Anterior/Posterior axis
     assert gpu.model.patch_size == (40, 56, 40) and gpu.train.augment.flip_axes == (0, 2)
+
+
+def test_shrink_to_image_fraction_keeps_the_network_and_a_3_voxel_bottleneck() -> None:
+    model = network_for((32, 48, 32), (1.0, 1.0, 1.0), round_down=True)
+    shrunk = shrink_to_image_fraction(model, np.array([35.0, 50.0, 36.0]))
+    assert shrunk.patch_size == (24, 40, 24)  # 37% of the median image
+    assert dataclasses.replace(shrunk, patch_size=model.patch_size) == model  # same network
+    # a tiny image: the patch stops at 3 voxels per axis at the lowest level (8x down)
+    tiny = shrink_to_image_fraction(model, np.array([20.0, 20.0, 20.0]))
+    assert tiny.patch_size == (24, 24, 24)
 
 
 def test_cpu_patch_is_capped_in_voxels() -> None:
@@ -225,8 +239,9 @@ def test_plan_demo(demo_dataset: Path) -> None:
     assert cfg.data.root == demo_dataset and cfg.data.spacing == pytest.approx((1, 1, 1))
     assert cfg.data.normalization == "auto"
     assert cfg.model.spatial_dims == 3 and cfg.model.filters == (16, 32, 64, 128)
-    # median 33 x 48.5 x 33, down to multiples of 8 on CPU (docs/recipe.md), up on GPU
-    assert cfg.model.patch_size == (32, 48, 32)
+    # median 33 x 48.5 x 33: network for 32x48x32 (multiples of 8, rounded down on CPU), patch
+    # shrunk to <= 40% of the median image (docs/recipe.md)
+    assert cfg.model.patch_size == (24, 32, 24)
     assert cfg.train.batch_size == 2  # 10 small cases: 5% of the voxels is under one patch
     assert cfg.train.device == "cpu" and cfg.infer.device == "cpu"
     assert cfg.train.augment.flip_axes == ()  # CPU plans do not mirror (docs/recipe.md)
@@ -252,7 +267,7 @@ def test_cli_writes_a_loadable_config(demo_dataset: Path, tmp_path: Path) -> Non
         app, ["plan", str(demo_dataset), "--output", str(out), "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
-    for word in ("spacing", "3D U-Net", "patch", "32 x 48 x 32", "batch", "MRI: zscore"):
+    for word in ("spacing", "3D U-Net", "patch", "24 x 32 x 24", "batch", "MRI: zscore"):
         assert word in result.output
     text = out.read_text()
     assert text.startswith(

@@ -1,0 +1,101 @@
+"""Re-score trained runs' validation cases under inference variants, without training.
+
+Answers "is the model the limit, or how it is applied?" for a finished run: the held-out cases
+of the first run's fold are predicted in the preprocessed space (the same grid as the label for
+1 mm data such as hippocampus; no post-processing) with
+
+- ``--overlap F``: sliding-window overlap,
+- ``--whole-image``: one window covering the whole (padded) image instead of the trained patch,
+- ``--background-bias B``: background probability multiplied by exp(B) before the argmax
+  (B > 0 shrinks the foreground; a test of systematic over-segmentation),
+- several run folders: their softmax outputs averaged (an ensemble).
+
+Examples::
+
+    python scripts/probe_validation.py runs/bench_hippo
+    python scripts/probe_validation.py runs/bench_hippo --whole-image
+    python scripts/probe_validation.py runs/bench_hippo --background-bias 0.25
+    python scripts/probe_validation.py runs/a runs/b runs/c        # same fold, averaged
+
+Last line: mean Dice over the cases per label, ``NAME=0.XXXX`` each, then ``mean=0.XXXX``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import Dataset
+
+from medseg.config import downsampling_factors
+from medseg.evaluation import confusion, dice
+from medseg.inference import Window, sliding_window_probabilities, use_physical_cores
+from medseg.runs import Run, load_run
+from medseg.transforms import IMAGE, LABEL, val_transforms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders trained on the same fold")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--whole-image", action="store_true")
+    parser.add_argument("--background-bias", type=float, default=0.0)
+    args = parser.parse_args()
+    use_physical_cores()
+    runs = [load_run(path, "cpu") for path in args.runs]
+    info = json.loads((args.runs[0] / "run.json").read_text())
+    for path in args.runs[1:]:
+        if json.loads((path / "run.json").read_text())["val_cases"] != info["val_cases"]:
+            raise SystemExit(f"{path}: validated on other cases than {args.runs[0]}")
+    labels = {v: n for v, n in runs[0].plan.labels.items() if v != 0}
+    scores: dict[int, list[float]] = {v: [] for v in labels}
+    for item in Dataset(_items(info), val_transforms(runs[0].plan)):
+        image = item[IMAGE].as_tensor()
+        probs = sum(_probabilities(run, image, args) for run in runs)
+        probs[0] *= math.exp(args.background_bias)
+        pred = torch.argmax(probs, 0).numpy()
+        ref = np.asarray(item[LABEL][0]).astype(np.int64)
+        for v in labels:
+            scores[v].append(dice(*confusion(ref, pred, v)))
+    means = {name: float(np.mean(scores[v])) for v, name in labels.items()}
+    print(f"{len(runs)} run(s), {len(scores[next(iter(labels))])} validation cases")
+    cells = [f"{name}={value:.4f}" for name, value in means.items()]
+    print(" ".join([*cells, f"mean={np.mean(list(means.values())):.4f}"]))
+
+
+def _items(info: dict) -> list[dict[str, object]]:
+    root = Path(info["dataset"])
+    return [
+        {
+            IMAGE: [str(root / "imagesTr" / f"{name}.nii.gz")],
+            LABEL: str(root / "labelsTr" / f"{name}.nii.gz"),
+        }
+        for name in info["val_cases"]
+    ]
+
+
+def _probabilities(run: Run, image: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    net = run.network.eval()
+    patch = tuple(run.config.model.patch_size)
+    if args.whole_image:
+        factors = downsampling_factors(run.config.model)
+        patch = tuple(
+            max(p, math.ceil(s / f) * f)
+            for p, s, f in zip(patch, image.shape[1:], factors, strict=True)
+        )
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            return net(x)
+
+    return sliding_window_probabilities(predictor, image, Window(patch, args.overlap, 2, ()))
+
+
+if __name__ == "__main__":
+    main()

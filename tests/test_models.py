@@ -1,0 +1,81 @@
+"""Network registry and the channels-last instance norm (medseg.models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import DynUNet
+
+from medseg.config import ConfigError, ModelConfig
+from medseg.models import ChannelsLastInstanceNorm3d, build_model, channels_last_norms
+
+
+def _pair(channels: int) -> tuple[torch.nn.InstanceNorm3d, ChannelsLastInstanceNorm3d]:
+    torch.manual_seed(0)
+    reference = torch.nn.InstanceNorm3d(channels, affine=True)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    swapped = ChannelsLastInstanceNorm3d(channels, affine=True)
+    swapped.load_state_dict(reference.state_dict())
+    return reference, swapped
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channels_last_instance_norm_matches_torch_in_training(batch: int) -> None:
+    reference, swapped = _pair(4)
+    x = torch.randn(batch, 4, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d) * 3 + 1
+    grad = torch.randn(batch, 4, 5, 6, 7)
+    outputs, grads = [], []
+    for norm in (reference, swapped):
+        xi = x.detach().clone().requires_grad_(True)
+        out = norm.train()(xi)
+        out.backward(grad)
+        outputs.append(out)
+        grads.append((xi.grad, norm.weight.grad, norm.bias.grad))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # The point of the module: the output keeps the input's channels-last layout.
+    assert outputs[1].is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_channels_last_instance_norm_in_eval_is_torch_instance_norm() -> None:
+    reference, swapped = _pair(3)
+    x = torch.randn(2, 3, 4, 5, 6)
+    torch.testing.assert_close(swapped.eval()(x), reference.eval()(x))
+
+
+def test_unet_uses_channels_last_norms_and_keeps_dynunet_state_dict() -> None:
+    cfg = ModelConfig(filters=(4, 8, 16), patch_size=(16, 16, 16), deep_supervision=1)
+    net = build_model(cfg, 1, 3)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(type(m) is ChannelsLastInstanceNorm3d for m in norms)
+    # Checkpoints of a plain DynUNet (runs trained before the swap) load unchanged.
+    plain = DynUNet(
+        3,
+        1,
+        3,
+        [[3] * 3] * 3,
+        [[1] * 3, [2] * 3, [2] * 3],
+        [[2] * 3, [2] * 3],
+        filters=[4, 8, 16],
+        norm_name=("instance", {"affine": True}),
+        deep_supervision=True,
+        deep_supr_num=1,
+    )
+    assert set(plain.state_dict()) == set(net.state_dict())
+    net.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(net.eval()(x), plain.eval()(x))
+
+
+def test_channels_last_norms_leaves_other_layers_alone() -> None:
+    net = torch.nn.Sequential(torch.nn.BatchNorm3d(2), torch.nn.InstanceNorm2d(2))
+    channels_last_norms(net)
+    assert type(net[0]) is torch.nn.BatchNorm3d and type(net[1]) is torch.nn.InstanceNorm2d
+
+
+def test_unknown_model_name_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="unet"):
+        build_model(ModelConfig(name="resnet"), 1, 2)
