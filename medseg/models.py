@@ -43,7 +43,7 @@ def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.n
         deep_supervision=cfg.deep_supervision > 0,
         deep_supr_num=max(1, cfg.deep_supervision),
     )
-    return channels_last_norms(net)
+    return swap_instance_norms(net)
 
 
 class ChannelsLastInstanceNorm3d(torch.nn.InstanceNorm3d):
@@ -67,13 +67,19 @@ class ChannelsLastInstanceNorm3d(torch.nn.InstanceNorm3d):
         return torch.cat(samples) if len(samples) > 1 else samples[0]
 
 
-def channels_last_norms(net: torch.nn.Module) -> torch.nn.Module:
-    """Replace every `torch.nn.InstanceNorm3d` in `net` by a `ChannelsLastInstanceNorm3d`."""
+def swap_instance_norms(
+    net: torch.nn.Module, cls: type[torch.nn.InstanceNorm3d] = ChannelsLastInstanceNorm3d
+) -> torch.nn.Module:
+    """Replace every 3D instance norm in `net` that is not a `cls` by one, parameters kept."""
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.InstanceNorm3d:
-                swapped = ChannelsLastInstanceNorm3d(
-                    child.num_features, child.eps, child.momentum, child.affine
+            if isinstance(child, torch.nn.InstanceNorm3d) and type(child) is not cls:
+                swapped = cls(
+                    child.num_features,
+                    child.eps,
+                    child.momentum,
+                    child.affine,
+                    child.track_running_stats,
                 )
                 swapped.load_state_dict(child.state_dict())
                 setattr(module, name, swapped)

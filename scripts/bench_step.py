@@ -25,7 +25,7 @@ import torch
 
 from medseg.config import load_config
 from medseg.losses import build_loss
-from medseg.models import ChannelsLastInstanceNorm3d, build_model
+from medseg.models import build_model, swap_instance_norms
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         memory = torch.channels_last_3d
     net = build_model(cfg.model, 1, args.classes)
     if args.torch_norm:
-        _torch_norms(net)
+        swap_instance_norms(net, torch.nn.InstanceNorm3d)
     net = net.to(memory_format=memory).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss_fn = build_loss(cfg.train.loss)
@@ -76,16 +76,6 @@ def main() -> None:
     seconds = (time.perf_counter() - start) / args.steps
     print(f"threads={torch.get_num_threads()} patch={list(cfg.model.patch_size)} batch={batch}")
     print(f"vol_per_s={batch / seconds:.2f} ms_per_step={seconds * 1000:.0f}")
-
-
-def _torch_norms(net: torch.nn.Module) -> None:
-    """Swap medseg's channels-last instance norms back to torch's (same parameters)."""
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, ChannelsLastInstanceNorm3d):
-                plain = torch.nn.InstanceNorm3d(child.num_features, child.eps, affine=child.affine)
-                plain.load_state_dict(child.state_dict())
-                setattr(module, name, plain)
 
 
 if __name__ == "__main__":

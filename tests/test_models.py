@@ -7,7 +7,7 @@ import torch
 from monai.networks.nets import DynUNet
 
 from medseg.config import ConfigError, ModelConfig
-from medseg.models import ChannelsLastInstanceNorm3d, build_model, channels_last_norms
+from medseg.models import ChannelsLastInstanceNorm3d, build_model, swap_instance_norms
 
 
 def _pair(channels: int) -> tuple[torch.nn.InstanceNorm3d, ChannelsLastInstanceNorm3d]:
@@ -70,10 +70,17 @@ def test_unet_uses_channels_last_norms_and_keeps_dynunet_state_dict() -> None:
     torch.testing.assert_close(net.eval()(x), plain.eval()(x))
 
 
-def test_channels_last_norms_leaves_other_layers_alone() -> None:
-    net = torch.nn.Sequential(torch.nn.BatchNorm3d(2), torch.nn.InstanceNorm2d(2))
-    channels_last_norms(net)
+def test_swap_instance_norms_both_ways_and_leaves_other_layers_alone() -> None:
+    net = torch.nn.Sequential(
+        torch.nn.BatchNorm3d(2), torch.nn.InstanceNorm2d(2), torch.nn.InstanceNorm3d(2, affine=True)
+    )
+    with torch.no_grad():
+        net[2].weight.fill_(2.0)
+    swap_instance_norms(net)
     assert type(net[0]) is torch.nn.BatchNorm3d and type(net[1]) is torch.nn.InstanceNorm2d
+    assert type(net[2]) is ChannelsLastInstanceNorm3d and float(net[2].weight[0]) == 2.0
+    swap_instance_norms(net, torch.nn.InstanceNorm3d)
+    assert type(net[2]) is torch.nn.InstanceNorm3d and float(net[2].weight[0]) == 2.0
 
 
 def test_unknown_model_name_lists_the_known_ones() -> None:
