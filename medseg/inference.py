@@ -242,6 +242,15 @@ def tta_axes(cfg: Config, tta: bool) -> tuple[int, ...]:
     return axes
 
 
+def configured_window(cfg: Config, overlap: float | None = None, tta: bool | None = None) -> Window:
+    """The window a config's ``infer`` section asks for (training validation and predict share
+    it), with `overlap` and `tta` overriding the config when given."""
+    infer = cfg.infer
+    overlap = infer.overlap if overlap is None else overlap
+    mirror = tta_axes(cfg, infer.tta if tta is None else tta)
+    return Window(cfg.model.patch_size, overlap, infer.sw_batch_size, mirror)
+
+
 def _forward_fn(predictor: Predictor, tta: tuple[int, ...], device: torch.device) -> Predictor:
     """Logits for a batch of windows: on `device`, under autocast on CUDA, mirrored with TTA.
 

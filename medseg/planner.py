@@ -367,14 +367,13 @@ def fit_network(
     ) or (cpu and math.prod(model.patch_size) > CPU_MAX_PATCH_VOXELS):
         patch = np.array(model.patch_size)
         factors = np.array(downsampling_factors(model))
-        ratio = np.where(patch - factors >= MIN_PATCH, patch / median_shape, -np.inf)
-        if not np.isfinite(ratio).any():
+        axis = _axis_to_shrink(patch, factors, median_shape, np.full_like(patch, MIN_PATCH))
+        if axis is None:
             need = estimate_memory_gib(model, in_channels, n_classes, MIN_BATCH, budget.device)
             raise ConfigError(
                 f"--memory-gb {budget.gigabytes:g} is too small: the smallest network "
                 f"(patch {list(model.patch_size)}, batch {MIN_BATCH}) needs ~{need:.1f} GiB"
             )
-        axis = int(np.argmax(ratio))
         patch[axis] -= factors[axis]
         model = network_for(tuple(int(p) for p in patch), spacing, round_down=cpu)
     if cpu and len(median_shape) == 3 and np.prod(median_shape) <= CPU_MAX_PATCH_VOXELS:
@@ -392,14 +391,20 @@ def shrink_to_image_fraction(model: ModelConfig, median_shape: np.ndarray) -> Mo
     patch = np.array(model.patch_size)
     factors = np.array(downsampling_factors(model))
     while np.prod(patch) > limit:
-        ratio = np.where(
-            patch - factors >= CPU_MIN_BOTTLENECK * factors, patch / median_shape, -np.inf
-        )
-        if not np.isfinite(ratio).any():
+        axis = _axis_to_shrink(patch, factors, median_shape, CPU_MIN_BOTTLENECK * factors)
+        if axis is None:
             break
-        axis = int(np.argmax(ratio))
         patch[axis] -= factors[axis]
     return dataclasses.replace(model, patch_size=tuple(int(p) for p in patch))
+
+
+def _axis_to_shrink(
+    patch: np.ndarray, factors: np.ndarray, median_shape: np.ndarray, floor: np.ndarray
+) -> int | None:
+    """The axis with the largest patch-to-median ratio that can lose its downsampling factor
+    and stay >= `floor`; None when none can (nnU-Net v2's shrinking order)."""
+    ratio = np.where(patch - factors >= floor, patch / median_shape, -np.inf)
+    return int(np.argmax(ratio)) if np.isfinite(ratio).any() else None
 
 
 def fit_batch(

@@ -19,7 +19,7 @@ import numpy as np
 
 from medseg.config import ConfigError
 from medseg.engines import ENGINES, build_predictor, resolve_engine
-from medseg.inference import Window, predict_volume, resolve_device, tta_axes
+from medseg.inference import configured_window, predict_volume, resolve_device
 from medseg.io import (
     ImageError,
     Volume,
@@ -188,15 +188,13 @@ def predict_cases(
 ) -> list[Path]:
     """Predict (name, channel files) items with a loaded run; see `predict`."""
     options = options or PredictOptions()
-    infer = run.config.infer
-    overlap = infer.overlap if options.overlap is None else options.overlap
-    tta = infer.tta if options.tta is None else options.tta
+    window = configured_window(run.config, options.overlap, options.tta)
     device = next(run.network.parameters()).device
-    mirror = tta_axes(run.config, tta)
-    window = Window(run.config.model.patch_size, overlap, infer.sw_batch_size, mirror)
     engine = resolve_engine(options.engine, run, device)
     predictor = build_predictor(run, engine, device)
-    stamp = f"medseg model {run.fingerprint} overlap {overlap:g} tta {list(mirror)} {engine}"
+    stamp = (
+        f"medseg model {run.fingerprint} overlap {window.overlap:g} tta {list(window.tta)} {engine}"
+    )
     formats = _requested(options.formats, items)
     written = []
     for name, paths in _iterate(items, progress):

@@ -32,7 +32,7 @@ from medseg import config as config_mod
 from medseg.config import Config, ConfigError
 from medseg.datasets import Case, DatasetError, load_dataset
 from medseg.evaluation import confusion, dice
-from medseg.inference import Window, resolve_device, sliding_window_probabilities, tta_axes
+from medseg.inference import configured_window, resolve_device, sliding_window_probabilities
 from medseg.io import atomic_path
 from medseg.losses import build_loss
 from medseg.models import build_model
@@ -459,9 +459,7 @@ class _Trainer:
         self.net.eval()
         labels = {v: n for v, n in self.plan.labels.items() if v != 0}
         counts = {v: np.zeros(3, np.int64) for v in labels}
-        infer = self.cfg.infer
-        mirror = tta_axes(self.cfg, infer.tta)
-        window = Window(self.cfg.model.patch_size, infer.overlap, infer.sw_batch_size, mirror)
+        window = configured_window(self.cfg)
         for index in range(len(self.val_ds) if limit is None else min(limit, len(self.val_ds))):
             item = self.val_ds[index]
             probs = sliding_window_probabilities(self._predictor, item[IMAGE], window, self.device)
