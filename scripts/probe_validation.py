@@ -8,7 +8,9 @@ of the first run's fold are predicted in the preprocessed space (the same grid a
 - ``--whole-image``: one window covering the whole (padded) image instead of the trained patch,
 - ``--background-bias B``: background probability multiplied by exp(B) before the argmax
   (B > 0 shrinks the foreground; a test of systematic over-segmentation),
-- several run folders: their softmax outputs averaged (an ensemble).
+- several run folders: their softmax outputs averaged (an ensemble),
+- ``--training-cases N``: the first N of the run's *training* cases instead (under- or
+  over-fitting: Dice on cases the model has seen against the held-out Dice).
 
 Examples::
 
@@ -16,6 +18,7 @@ Examples::
     python scripts/probe_validation.py runs/bench_hippo --whole-image
     python scripts/probe_validation.py runs/bench_hippo --background-bias 0.25
     python scripts/probe_validation.py runs/a runs/b runs/c        # same fold, averaged
+    python scripts/probe_validation.py runs/bench_hippo --training-cases 40
 
 Last line: mean Dice over the cases per label, ``NAME=0.XXXX`` each, then ``mean=0.XXXX``.
 """
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--whole-image", action="store_true")
     parser.add_argument("--background-bias", type=float, default=0.0)
+    parser.add_argument("--training-cases", type=int, default=0, help="score N training cases")
     args = parser.parse_args()
     use_physical_cores()
     runs = [load_run(path, "cpu") for path in args.runs]
@@ -53,7 +57,8 @@ def main() -> None:
             raise SystemExit(f"{path}: validated on other cases than {args.runs[0]}")
     labels = {v: n for v, n in runs[0].plan.labels.items() if v != 0}
     scores: dict[int, list[float]] = {v: [] for v in labels}
-    for item in Dataset(_items(info), val_transforms(runs[0].plan)):
+    names = info["train_cases"][: args.training_cases] if args.training_cases else info["val_cases"]
+    for item in Dataset(_items(info["dataset"], names), val_transforms(runs[0].plan)):
         image = item[IMAGE].as_tensor()
         probs = sum(_probabilities(run, image, args) for run in runs)
         probs[0] *= math.exp(args.background_bias)
@@ -62,19 +67,20 @@ def main() -> None:
         for v in labels:
             scores[v].append(dice(*confusion(ref, pred, v)))
     means = {name: float(np.mean(scores[v])) for v, name in labels.items()}
-    print(f"{len(runs)} run(s), {len(scores[next(iter(labels))])} validation cases")
+    kind = "training" if args.training_cases else "validation"
+    print(f"{len(runs)} run(s), {len(scores[next(iter(labels))])} {kind} cases")
     cells = [f"{name}={value:.4f}" for name, value in means.items()]
     print(" ".join([*cells, f"mean={np.mean(list(means.values())):.4f}"]))
 
 
-def _items(info: dict) -> list[dict[str, object]]:
-    root = Path(info["dataset"])
+def _items(dataset: str, names: list[str]) -> list[dict[str, object]]:
+    root = Path(dataset)
     return [
         {
             IMAGE: [str(root / "imagesTr" / f"{name}.nii.gz")],
             LABEL: str(root / "labelsTr" / f"{name}.nii.gz"),
         }
-        for name in info["val_cases"]
+        for name in names
     ]
 
 

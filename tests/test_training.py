@@ -90,6 +90,18 @@ def test_checkpoints_hold_plain_data_only(tiny_run: Path) -> None:
     assert {"model", "optimizer", "scheduler", "history", "clock"} <= state.keys()
 
 
+def test_training_batches_are_plain_tensors() -> None:
+    """MONAI's transforms return MetaTensors; the network must get plain tensors (speed)."""
+    from monai.data import MetaTensor
+
+    image, label = MetaTensor(torch.rand(1, 4, 4, 4)), MetaTensor(torch.ones(1, 4, 4, 4))
+    item = {"image": image, "label": label}
+    out = training._Augmented([item], lambda d: [d])[0]
+    assert type(out["image"]) is torch.Tensor and type(out["label"]) is torch.Tensor
+    assert out["label"].dtype == torch.long
+    assert torch.equal(out["image"], image.as_tensor())
+
+
 def test_existing_run_needs_resume(tiny_run: Path, tiny_overrides: list[str]) -> None:
     with pytest.raises(TrainingError, match="--resume"):
         train(load_config(None, tiny_overrides), tiny_run)
