@@ -36,7 +36,13 @@ from medseg.config import Config, ConfigError
 from medseg.io import Volume
 from medseg.planning import Plan
 from medseg.slabs import Slab, SlabMapper
-from medseg.transforms import IMAGE, background_floor, preprocessing, unwrapped_errors
+from medseg.transforms import (
+    IMAGE,
+    background_floor,
+    plain_tensor,
+    preprocessing,
+    unwrapped_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +137,7 @@ def predict_volume(
     with unwrapped_errors():
         image = pre({IMAGE: volume})[IMAGE]
     floors = background_floors(image, plan) if window.skip_empty else None
-    pixels = image.as_tensor() if isinstance(image, MetaTensor) else image
+    pixels = plain_tensor(image)
     try:
         return _labels(predictor, volume, image, pixels, plan, window, floors, device, device)
     except torch.cuda.OutOfMemoryError:
@@ -189,7 +195,7 @@ def sliding_window_probabilities(
         (K, X, Y, Z) float32 probabilities.
     """
     device = device or torch.device("cpu")
-    pixels = image.as_tensor() if isinstance(image, MetaTensor) else image
+    pixels = plain_tensor(image)
     out: torch.Tensor | None = None
     for slab in stream_probabilities(predictor, pixels.to(device), window, None, None, device):
         if out is None:

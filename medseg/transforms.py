@@ -81,6 +81,12 @@ def to_metatensor(array: np.ndarray, affine: np.ndarray, source: str) -> MetaTen
     )
 
 
+def plain_tensor(x: Any) -> torch.Tensor:
+    """`x` without MONAI's metadata: networks run on these (a MetaTensor input routes every
+    operation through MONAI's metadata tracking, which costs time and is not needed there)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
 class NormalizeChannelsd(mt.MapTransform):
     """Per-channel intensity normalisation following the plan.
 
