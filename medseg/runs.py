@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise RunError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as err:
+    except Exception as err:  # a corrupt file can fail anywhere in the unpickler (KeyError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RunError(
             f"{path}: refusing to load checkpoint: it is corrupt or holds objects other than "

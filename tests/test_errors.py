@@ -175,6 +175,19 @@ def _copy_run(tiny_run: Path, tmp: Path) -> Path:
     return Path(shutil.copytree(tiny_run, tmp / "run"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_any_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    """Random bytes fail in many ways inside the unpickler (KeyError, IndexError, ...)."""
+    from medseg.runs import RunError, load_checkpoint
+
+    path = tmp_path / "model.pt"
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        path.write_bytes(rng.bytes(500))
+        with pytest.raises(RunError, match="refusing to load checkpoint"):
+            load_checkpoint(path)
+
+
 def test_malicious_checkpoint_is_refused_and_never_runs(
     tiny_run: Path, demo_dataset: Path, tmp_path: Path
 ) -> None:
