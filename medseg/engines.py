@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from medseg.config import ConfigError
+from medseg.models import run_network
 from medseg.planning import ChannelNorm, Plan
 from medseg.runs import ONNX, Run, RunError
 
@@ -69,7 +70,7 @@ def _torch_forward(run: Run) -> Predictor:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        return network(x)
+        return run_network(network, x)
 
     return forward
 

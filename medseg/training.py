@@ -35,7 +35,7 @@ from medseg.evaluation import confusion, dice
 from medseg.inference import configured_window, resolve_device, sliding_window_probabilities
 from medseg.io import atomic_path
 from medseg.losses import build_loss
-from medseg.models import build_model
+from medseg.models import build_model, run_network
 from medseg.planning import Plan, make_plan, save_plan
 from medseg.transforms import (
     IMAGE,
@@ -443,7 +443,7 @@ class _Trainer:
         y = batch[LABEL].to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.amp):
-            loss = self._loss(self.net(x), y)
+            loss = self._loss(run_network(self.net, x), y)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
@@ -482,7 +482,7 @@ class _Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(self.device.type, enabled=self.amp):
-            return self.net(x)
+            return run_network(self.net, x)
 
     def _checkpoint(self, run_dir: Path, epoch: int) -> None:
         runs.save_checkpoint(

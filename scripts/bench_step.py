@@ -11,6 +11,7 @@ Examples::
     python scripts/bench_step.py --torch-norm                     # torch's InstanceNorm3d
     python scripts/bench_step.py --bf16                           # bfloat16 autocast on CPU
     python scripts/bench_step.py model.patch_size=[40,56,40] train.batch_size=2
+    python scripts/bench_step.py train.batch_size=1 [--single-as-is]  # torch's batch-1 slow path
 
 Last line: ``vol_per_s=X.XX ms_per_step=X``.
 """
@@ -25,7 +26,7 @@ import torch
 
 from medseg.config import load_config
 from medseg.losses import build_loss
-from medseg.models import build_model, swap_instance_norms
+from medseg.models import build_model, run_network, swap_instance_norms
 
 
 def main() -> None:
@@ -39,6 +40,11 @@ def main() -> None:
         "--torch-norm",
         action="store_true",
         help="torch's InstanceNorm3d instead of medseg's ChannelsLastInstanceNorm3d",
+    )
+    parser.add_argument(
+        "--single-as-is",
+        action="store_true",
+        help="batch 1 run as one sample, not as two copies (medseg.models.run_network)",
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("overrides", nargs="*")
@@ -63,7 +69,7 @@ def main() -> None:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            out = net(x)
+            out = net(x) if args.single_as_is else run_network(net, x)
         out = out[:, 0] if out.dim() == x.dim() + 1 else out  # deep supervision: main head
         loss_fn(out.float(), y).backward()
         optimizer.step()

@@ -10,7 +10,9 @@ of the first run's fold are predicted in the preprocessed space (the same grid a
   (B > 0 shrinks the foreground; a test of systematic over-segmentation),
 - several run folders: their softmax outputs averaged (an ensemble),
 - ``--training-cases N``: the first N of the run's *training* cases instead (under- or
-  over-fitting: Dice on cases the model has seen against the held-out Dice).
+  over-fitting: Dice on cases the model has seen against the held-out Dice),
+- ``--tta AXES``: mirrored copies along these spatial axes averaged (0=x, 1=y, 2=z), whatever
+  the run was trained to mirror (``medseg predict --tta`` only uses the trained axes).
 
 Examples::
 
@@ -19,8 +21,11 @@ Examples::
     python scripts/probe_validation.py runs/bench_hippo --background-bias 0.25
     python scripts/probe_validation.py runs/a runs/b runs/c        # same fold, averaged
     python scripts/probe_validation.py runs/bench_hippo --training-cases 40
+    python scripts/probe_validation.py runs/bench_hippo --tta 0
 
-Last line: mean Dice over the cases per label, ``NAME=0.XXXX`` each, then ``mean=0.XXXX``.
+Also printed: the Dice of all foreground labels taken as one (how much of the per-label error is
+the boundary between labels). Last line: mean Dice over the cases per label, ``NAME=0.XXXX``
+each, then ``mean=0.XXXX``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def main() -> None:
     parser.add_argument("--whole-image", action="store_true")
     parser.add_argument("--background-bias", type=float, default=0.0)
     parser.add_argument("--training-cases", type=int, default=0, help="score N training cases")
+    parser.add_argument("--tta", type=int, nargs="*", default=[], help="axes mirrored at test time")
     args = parser.parse_args()
     use_physical_cores()
     runs = [load_run(path, "cpu") for path in args.runs]
@@ -57,6 +63,7 @@ def main() -> None:
             raise SystemExit(f"{path}: validated on other cases than {args.runs[0]}")
     labels = {v: n for v, n in runs[0].plan.labels.items() if v != 0}
     scores: dict[int, list[float]] = {v: [] for v in labels}
+    union: list[float] = []  # all foreground labels as one: how much is the labels' split
     names = info["train_cases"][: args.training_cases] if args.training_cases else info["val_cases"]
     for item in Dataset(_items(info["dataset"], names), val_transforms(runs[0].plan)):
         image = item[IMAGE].as_tensor()
@@ -66,9 +73,11 @@ def main() -> None:
         ref = np.asarray(item[LABEL][0]).astype(np.int64)
         for v in labels:
             scores[v].append(dice(*confusion(ref, pred, v)))
+        union.append(dice(*confusion((ref > 0).astype(np.int64), (pred > 0).astype(np.int64), 1)))
     means = {name: float(np.mean(scores[v])) for v, name in labels.items()}
     kind = "training" if args.training_cases else "validation"
     print(f"{len(runs)} run(s), {len(scores[next(iter(labels))])} {kind} cases")
+    print(f"all foreground labels as one label: Dice {np.mean(union):.4f}")
     cells = [f"{name}={value:.4f}" for name, value in means.items()]
     print(" ".join([*cells, f"mean={np.mean(list(means.values())):.4f}"]))
 
@@ -100,7 +109,8 @@ def _probabilities(run: Run, image: torch.Tensor, args: argparse.Namespace) -> t
         with torch.no_grad():
             return net(x)
 
-    return sliding_window_probabilities(predictor, image, Window(patch, args.overlap, 2, ()))
+    window = Window(patch, args.overlap, 2, tuple(args.tta))
+    return sliding_window_probabilities(predictor, image, window)
 
 
 if __name__ == "__main__":

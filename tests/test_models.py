@@ -7,7 +7,12 @@ import torch
 from monai.networks.nets import DynUNet
 
 from medseg.config import ConfigError, ModelConfig
-from medseg.models import ChannelsLastInstanceNorm3d, build_model, swap_instance_norms
+from medseg.models import (
+    ChannelsLastInstanceNorm3d,
+    build_model,
+    run_network,
+    swap_instance_norms,
+)
 
 
 def _pair(channels: int) -> tuple[torch.nn.InstanceNorm3d, ChannelsLastInstanceNorm3d]:
@@ -86,3 +91,37 @@ def test_swap_instance_norms_both_ways_and_leaves_other_layers_alone() -> None:
 def test_unknown_model_name_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="unet"):
         build_model(ModelConfig(name="resnet"), 1, 2)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_run_network_gives_a_single_sample_the_same_logits_and_gradients(training: bool) -> None:
+    cfg = ModelConfig(filters=(4, 8, 16), patch_size=(8, 16, 8), deep_supervision=1)
+    torch.manual_seed(0)
+    net = build_model(cfg, 1, 3).train(training)
+    x = torch.randn(1, 1, 8, 16, 8)
+    results = []
+    for forward in (net, lambda t: run_network(net, t)):
+        net.zero_grad(set_to_none=True)
+        out = forward(x)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    (ours, our_grads), (theirs, their_grads) = results[1], results[0]
+    assert ours.shape == theirs.shape  # one sample in, one out
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert our_grads.keys() == their_grads.keys() and our_grads
+    for name, reference in their_grads.items():
+        torch.testing.assert_close(our_grads[name], reference, rtol=1e-3, atol=1e-5)
+
+
+def test_run_network_leaves_batches_and_2d_inputs_alone() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def net(t: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(t.shape))
+        return t
+
+    run_network(net, torch.zeros(2, 1, 4, 4, 4))
+    run_network(net, torch.zeros(1, 1, 4, 4))
+    run_network(net, torch.zeros(1, 1, 4, 4, 4))
+    assert calls == [(2, 1, 4, 4, 4), (1, 1, 4, 4), (2, 1, 4, 4, 4)]
