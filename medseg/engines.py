@@ -63,13 +63,10 @@ def build_predictor(run: Run, engine: str, device: torch.device) -> Predictor:
 
 def _torch_forward(run: Run) -> Predictor:
     network = run.network
-    channels_last = run.config.model.spatial_dims == 3
-    if channels_last:
+    if run.config.model.spatial_dims == 3:
         network = network.to(memory_format=torch.channels_last_3d)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         return run_network(network, x)
 
     return forward

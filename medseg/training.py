@@ -314,10 +314,9 @@ class _Trainer:
         val_cases: list[Case],
     ) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
-        self.channels_last = cfg.model.spatial_dims == 3
         torch.manual_seed(cfg.train.seed)
         net = build_model(cfg.model, len(plan.channels), len(plan.labels))
-        if self.channels_last:
+        if cfg.model.spatial_dims == 3:  # run_network feeds 3D inputs channels-last
             net = net.to(memory_format=torch.channels_last_3d)
         self.net = net.to(device)
         self.loss_fn = build_loss(cfg.train.loss)
@@ -438,8 +437,7 @@ class _Trainer:
         return float(np.mean(losses))
 
     def _step(self, batch: dict[str, Any]) -> float:
-        memory = torch.channels_last_3d if self.channels_last else torch.contiguous_format
-        x = batch[IMAGE].to(self.device).contiguous(memory_format=memory)
+        x = batch[IMAGE].to(self.device)
         y = batch[LABEL].to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.amp):
@@ -479,8 +477,6 @@ class _Trainer:
         return scores
 
     def _predictor(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(self.device.type, enabled=self.amp):
             return run_network(self.net, x)
 

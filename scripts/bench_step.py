@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/hippocampus_3d.yaml"))
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--contiguous", action="store_true", help="no channels-last 3D")
+    parser.add_argument(
+        "--contiguous", action="store_true", help="no channels-last 3D (network run as is)"
+    )
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument(
         "--torch-norm",
@@ -69,7 +71,8 @@ def main() -> None:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            out = net(x) if args.single_as_is else run_network(net, x)
+            as_is = args.single_as_is or args.contiguous  # run_network makes 3D channels-last
+            out = net(x) if as_is else run_network(net, x)
         out = out[:, 0] if out.dim() == x.dim() + 1 else out  # deep supervision: main head
         loss_fn(out.float(), y).backward()
         optimizer.step()

@@ -42,6 +42,7 @@ from monai.data import Dataset
 from medseg.config import downsampling_factors
 from medseg.evaluation import confusion, dice
 from medseg.inference import Window, sliding_window_probabilities, use_physical_cores
+from medseg.models import run_network
 from medseg.runs import Run, load_run
 from medseg.transforms import IMAGE, LABEL, val_transforms
 
@@ -104,10 +105,8 @@ def _probabilities(run: Run, image: torch.Tensor, args: argparse.Namespace) -> t
         )
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 5:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.no_grad():
-            return net(x)
+            return run_network(net, x)
 
     window = Window(patch, args.overlap, 2, tuple(args.tta))
     return sliding_window_probabilities(predictor, image, window)

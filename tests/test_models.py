@@ -114,14 +114,18 @@ def test_run_network_gives_a_single_sample_the_same_logits_and_gradients(trainin
         torch.testing.assert_close(our_grads[name], reference, rtol=1e-3, atol=1e-5)
 
 
-def test_run_network_leaves_batches_and_2d_inputs_alone() -> None:
+def test_run_network_copies_only_a_single_3d_sample_and_feeds_3d_channels_last() -> None:
     calls: list[tuple[int, ...]] = []
+    layouts: list[bool] = []
 
     def net(t: torch.Tensor) -> torch.Tensor:
         calls.append(tuple(t.shape))
+        if t.dim() == 5:
+            layouts.append(t.is_contiguous(memory_format=torch.channels_last_3d))
         return t
 
-    run_network(net, torch.zeros(2, 1, 4, 4, 4))
-    run_network(net, torch.zeros(1, 1, 4, 4))
-    run_network(net, torch.zeros(1, 1, 4, 4, 4))
-    assert calls == [(2, 1, 4, 4, 4), (1, 1, 4, 4), (2, 1, 4, 4, 4)]
+    run_network(net, torch.zeros(2, 2, 4, 4, 4))  # two channels: the layouts differ
+    run_network(net, torch.zeros(1, 2, 4, 4))
+    run_network(net, torch.zeros(1, 2, 4, 4, 4))
+    assert calls == [(2, 2, 4, 4, 4), (1, 2, 4, 4), (2, 2, 4, 4, 4)]
+    assert layouts == [True, True]
