@@ -71,6 +71,9 @@ class ModelConfig:
     """Normalisation layer: instance or batch."""
     deep_supervision: int = 0
     """Extra low-resolution outputs trained with down-weighted losses (0 = off; < levels - 1)."""
+    res_block: bool = False
+    """Residual blocks: each level's two convolutions get a skip connection (MONAI's
+    UnetResBlock). Measured no better than plain blocks on hippocampus (docs/recipe.md)."""
     strides: tuple[tuple[int, ...], ...] | None = None
     """Per-level, per-axis downsampling strides, e.g. [[1, 1, 1], [2, 2, 1], [2, 2, 2]]
     (first level all 1, then 1 or 2 per axis); null = 2 on every axis at every level."""

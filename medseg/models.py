@@ -23,7 +23,7 @@ def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.n
 
     Args:
         cfg: model section; ``filters`` sets the channels per level and the depth, ``strides``
-            the per-level, per-axis downsampling.
+            the per-level, per-axis downsampling, ``res_block`` residual blocks.
         in_channels: input image channels.
         out_channels: number of classes, background included.
     """
@@ -42,6 +42,7 @@ def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.n
         norm_name=norm,
         deep_supervision=cfg.deep_supervision > 0,
         deep_supr_num=max(1, cfg.deep_supervision),
+        res_block=cfg.res_block,
     )
     return swap_instance_norms(net)
 

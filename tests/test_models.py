@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from monai.networks.blocks.dynunet_block import UnetResBlock
 from monai.networks.nets import DynUNet
 
 from medseg.config import ConfigError, ModelConfig
@@ -73,6 +76,19 @@ def test_unet_uses_channels_last_norms_and_keeps_dynunet_state_dict() -> None:
     net.load_state_dict(plain.state_dict())
     x = torch.randn(1, 1, 16, 16, 16)
     torch.testing.assert_close(net.eval()(x), plain.eval()(x))
+
+
+def test_residual_unet_has_residual_blocks_and_channels_last_norms() -> None:
+    cfg = ModelConfig(filters=(4, 8, 16), patch_size=(16, 16, 16), deep_supervision=1)
+    plain = build_model(cfg, 1, 3)
+    net = build_model(dataclasses.replace(cfg, res_block=True), 1, 3)
+    assert not any(isinstance(m, UnetResBlock) for m in plain.modules())
+    assert any(isinstance(m, UnetResBlock) for m in net.modules())
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(type(m) is ChannelsLastInstanceNorm3d for m in norms)
+    x = torch.randn(2, 1, 16, 16, 16)
+    assert net.train()(x).shape == (2, 2, 3, 16, 16, 16)  # full-resolution + one extra head
+    assert net.eval()(x).shape == (2, 3, 16, 16, 16)
 
 
 def test_swap_instance_norms_both_ways_and_leaves_other_layers_alone() -> None:

@@ -232,6 +232,45 @@ def test_time_budget_ends_converged(tmp_path: Path, tiny_overrides: list[str]) -
     assert state["clock"]["budget"] < 0.75 * 60
 
 
+@pytest.mark.parametrize(
+    ("cost", "budget", "elapsed", "fits"),
+    [
+        (15.0, 834.0, 100.0, True),  # hippocampus: 40 small cases against a 14-min budget
+        (150.0, 161.0, 65.0, False),  # BraTS: one pass costs most of the training budget
+        (15.0, 834.0, 825.0, False),  # it would run past the budget
+        (15.0, None, 10_000.0, True),  # no budget
+        (None, 161.0, 0.0, True),  # not timed yet (a resumed run)
+    ],
+)
+def test_in_loop_validation_fits_the_budget(
+    cost: float | None, budget: float | None, elapsed: float, fits: bool
+) -> None:
+    assert training.in_loop_validation_fits(cost, budget, elapsed) is fits
+
+
+@pytest.mark.slow
+def test_unaffordable_in_loop_validation_is_skipped(
+    tmp_path: Path,
+    tiny_overrides: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A budgeted run whose validation pass costs too much trains through; the final one runs."""
+    monkeypatch.setattr(training, "IN_LOOP_VALIDATION_SHARE", 0.0)
+    overrides = [
+        *tiny_overrides,
+        "train.epochs=10000",
+        "train.val_every=1",
+        "train.max_minutes=0.6",
+    ]
+    with caplog.at_level("INFO", logger="medseg.training"):
+        run = train(load_config(None, overrides), tmp_path / "budget")
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) > 1 and not any(row.get("val_dice_mean") for row in rows)
+    assert "in-loop validation skipped from epoch 1" in caplog.text
+    assert (run / "validation" / "metrics.json").is_file()
+
+
 def test_budget_too_small_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
     with pytest.raises(TrainingError, match="leaves no time to train"):
         train(load_config(None, [*tiny_overrides, "train.max_minutes=0.05"]), tmp_path / "r")
