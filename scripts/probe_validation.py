@@ -12,7 +12,12 @@ of the first run's fold are predicted in the preprocessed space (the same grid a
 - ``--training-cases N``: the first N of the run's *training* cases instead (under- or
   over-fitting: Dice on cases the model has seen against the held-out Dice),
 - ``--tta AXES``: mirrored copies along these spatial axes averaged (0=x, 1=y, 2=z), whatever
-  the run was trained to mirror (``medseg predict --tta`` only uses the trained axes).
+  the run was trained to mirror (``medseg predict --tta`` only uses the trained axes),
+- ``--split-axis AXIS`` (two foreground labels only): how planar the split between the two
+  labels is along AXIS (slices holding both labels, in the reference and in the prediction), and
+  the mean Dice once the predicted foreground is re-split at one plane across AXIS: at the plane
+  that agrees most with the prediction, and at the plane that fits the reference best (an upper
+  bound: what placing the plane right would give).
 
 Examples::
 
@@ -22,6 +27,7 @@ Examples::
     python scripts/probe_validation.py runs/a runs/b runs/c        # same fold, averaged
     python scripts/probe_validation.py runs/bench_hippo --training-cases 40
     python scripts/probe_validation.py runs/bench_hippo --tta 0
+    python scripts/probe_validation.py runs/bench_hippo --split-axis 1   # Anterior/Posterior
 
 Also printed: the Dice of all foreground labels taken as one (how much of the per-label error is
 the boundary between labels). Last line: mean Dice over the cases per label, ``NAME=0.XXXX``
@@ -55,6 +61,7 @@ def main() -> None:
     parser.add_argument("--background-bias", type=float, default=0.0)
     parser.add_argument("--training-cases", type=int, default=0, help="score N training cases")
     parser.add_argument("--tta", type=int, nargs="*", default=[], help="axes mirrored at test time")
+    parser.add_argument("--split-axis", type=int, choices=(0, 1, 2), help="see the module doc")
     args = parser.parse_args()
     use_physical_cores()
     runs = [load_run(path, "cpu") for path in args.runs]
@@ -65,6 +72,9 @@ def main() -> None:
     labels = {v: n for v, n in runs[0].plan.labels.items() if v != 0}
     scores: dict[int, list[float]] = {v: [] for v in labels}
     union: list[float] = []  # all foreground labels as one: how much is the labels' split
+    if args.split_axis is not None and len(labels) != 2:
+        raise SystemExit(f"--split-axis needs two foreground labels, the run has {len(labels)}")
+    planes: list[tuple[int, int, float, float]] = []
     names = info["train_cases"][: args.training_cases] if args.training_cases else info["val_cases"]
     for item in Dataset(_items(info["dataset"], names), val_transforms(runs[0].plan)):
         image = item[IMAGE].as_tensor()
@@ -75,12 +85,51 @@ def main() -> None:
         for v in labels:
             scores[v].append(dice(*confusion(ref, pred, v)))
         union.append(dice(*confusion((ref > 0).astype(np.int64), (pred > 0).astype(np.int64), 1)))
+        if args.split_axis is not None:
+            planes.append(_plane_split(ref, pred, args.split_axis, tuple(labels)))
     means = {name: float(np.mean(scores[v])) for v, name in labels.items()}
     kind = "training" if args.training_cases else "validation"
     print(f"{len(runs)} run(s), {len(scores[next(iter(labels))])} {kind} cases")
     print(f"all foreground labels as one label: Dice {np.mean(union):.4f}")
+    if planes:
+        mixed_ref, mixed_pred, own, best = np.array(planes, dtype=float).T
+        print(
+            f"split along axis {args.split_axis}: slices holding both labels per case: reference "
+            f"{mixed_ref.mean():.2f} (none in {int((mixed_ref == 0).sum())} of {len(planes)} "
+            f"cases), prediction {mixed_pred.mean():.2f}"
+        )
+        print(
+            f"predicted foreground re-split at one plane: Dice {own.mean():.4f} at the "
+            f"prediction's plane, {best.mean():.4f} at the reference's best plane"
+        )
     cells = [f"{name}={value:.4f}" for name, value in means.items()]
     print(" ".join([*cells, f"mean={np.mean(list(means.values())):.4f}"]))
+
+
+def _plane_split(
+    ref: np.ndarray, pred: np.ndarray, axis: int, labels: tuple[int, ...]
+) -> tuple[int, int, float, float]:
+    """Slices along `axis` holding both labels (reference, prediction), and the mean Dice of the
+    predicted foreground split at one plane: the plane (and side) agreeing most with the
+    prediction, and the one scoring best against the reference."""
+    other = tuple(a for a in range(ref.ndim) if a != axis)
+
+    def mixed(volume: np.ndarray) -> int:
+        return int(np.logical_and(*((volume == v).any(axis=other) for v in labels)).sum())
+
+    position = np.indices(pred.shape)[axis]
+    foreground = pred > 0
+    own = (-1, 0.0)  # (voxels agreeing with the prediction, Dice)
+    best = 0.0
+    for k in range(pred.shape[axis] + 1):
+        for low, high in (labels, labels[::-1]):
+            split = np.where(foreground, np.where(position < k, low, high), 0)
+            score = float(np.mean([dice(*confusion(ref, split, v)) for v in labels]))
+            agree = int((split == pred)[foreground].sum())
+            if agree > own[0]:  # ties keep the first plane: the reference must not decide
+                own = (agree, score)
+            best = max(best, score)
+    return mixed(ref), mixed(pred), own[1], best
 
 
 def _items(dataset: str, names: list[str]) -> list[dict[str, object]]:
