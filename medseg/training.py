@@ -243,7 +243,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
 
 def _training_budget(max_minutes: float, start: float, trainer: _Trainer) -> float:
     """Seconds left for training once loading is done and the final validation is reserved."""
-    reserve = trainer.estimate_validation_seconds()
+    validation = trainer.time_validation_pass()
+    reserve = FINAL_VALIDATION_OVERHEAD_S + VALIDATION_MARGIN * validation if validation else 0.0
+    log.info(
+        "final validation: %.1f min reserved (a validation pass timed at %.1f s)",
+        reserve / 60,
+        validation,
+    )
     spent = time.perf_counter() - start
     budget = max_minutes * 60 - spent - reserve
     if budget < MIN_TRAIN_SECONDS:
@@ -378,22 +384,16 @@ class _Trainer:
             seconds / 60,
         )
 
-    def estimate_validation_seconds(self) -> float:
-        """Rough wall time of the final validation: one case timed, times the number of cases."""
+    def time_validation_pass(self) -> float:
+        """Rough wall time of an in-loop validation pass: one case timed, times the number of
+        cases. Kept as `validation_seconds`, which decides whether in-loop passes fit a budget."""
         if len(self.val_ds) == 0:
             return 0.0
         seconds = self._time_one_validation()  # includes one-off allocation costs
         if seconds < WARM_UP_MATTERS_S:  # small cases: those costs dominate; time a second pass
             seconds = self._time_one_validation()
         self.validation_seconds = len(self.val_ds) * seconds
-        reserve = FINAL_VALIDATION_OVERHEAD_S + VALIDATION_MARGIN * self.validation_seconds
-        log.info(
-            "final validation: %.1f min reserved (one case timed at %.1f s, %d cases)",
-            reserve / 60,
-            seconds,
-            len(self.val_ds),
-        )
-        return reserve
+        return self.validation_seconds
 
     def _time_one_validation(self) -> float:
         start = time.perf_counter()
