@@ -222,7 +222,10 @@ class TrainConfig:
     fold: int = 0
     """Which fold is held out for validation."""
     seed: int = 0
-    """Seed for weights, split-independent sampling and augmentation."""
+    """Seed for weights, patch sampling and augmentation (not for the folds: `split_seed`)."""
+    split_seed: int = 0
+    """Seed of the case shuffle that makes the folds. Separate from `seed`, so runs with other
+    training seeds validate on the same held-out cases."""
     val_every: int = 5
     """Validate (sliding window, per-label Dice) every N epochs and at the last epoch."""
     num_workers: int = 0

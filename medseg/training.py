@@ -210,8 +210,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
     if not resume:
         _check(dataset, progress)
     split = kfold_split(
-        [c.name for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.seed
+        [c.name for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.split_seed
     )
+    if resume:
+        _check_same_split(run_dir, split)
     by_name = {c.name: c for c in dataset.cases}
     train_cases = [by_name[n] for n in split.train]
     val_cases = [by_name[n] for n in split.val]
@@ -239,6 +241,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
     _final_validation(run_dir, val_cases, device, progress)
     _record_wall_time(run_dir, time.perf_counter() - start)
     return run_dir
+
+
+def _check_same_split(run_dir: Path, split: Split) -> None:
+    """A resumed run must keep its split: training on its validation cases would leak them."""
+    info = json.loads((run_dir / runs.INFO).read_text())
+    if tuple(info["train_cases"]) != split.train or tuple(info["val_cases"]) != split.val:
+        raise TrainingError(
+            f"{run_dir}: the dataset now splits into other training and validation cases than "
+            "this run was started with (cases added or removed, or a run from a medseg version "
+            "whose split followed train.seed); start a new run instead of resuming"
+        )
 
 
 def _training_budget(max_minutes: float, start: float, trainer: _Trainer) -> float:

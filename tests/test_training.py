@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,35 @@ def test_training_batches_are_plain_tensors() -> None:
 def test_existing_run_needs_resume(tiny_run: Path, tiny_overrides: list[str]) -> None:
     with pytest.raises(TrainingError, match="--resume"):
         train(load_config(None, tiny_overrides), tiny_run)
+
+
+def test_training_seed_keeps_the_split(
+    tmp_path: Path, tiny_run: Path, tiny_overrides: list[str]
+) -> None:
+    """Another training seed validates on the same held-out cases; `split_seed` changes them."""
+    info = json.loads((tiny_run / runs.INFO).read_text())
+    seeded = train(load_config(None, [*tiny_overrides, "train.seed=1"]), tmp_path / "seed1")
+    seeded_info = json.loads((seeded / runs.INFO).read_text())
+    assert seeded_info["val_cases"] == info["val_cases"]
+    assert seeded_info["train_cases"] == info["train_cases"]
+    names = [*info["train_cases"], *info["val_cases"]]
+    assert kfold_split(names, 5, 0, seed=1).val != tuple(info["val_cases"])  # split_seed=1 differs
+
+
+def test_resume_refuses_a_changed_split(tmp_path: Path, tiny_run: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    info = json.loads((run_dir / runs.INFO).read_text())
+    info["train_cases"], info["val_cases"] = (
+        info["train_cases"][1:],
+        [
+            info["train_cases"][0],
+            *info["val_cases"],
+        ],
+    )
+    (run_dir / runs.INFO).write_text(json.dumps(info))
+    with pytest.raises(TrainingError, match="start a new run instead of resuming"):
+        train(load_config(None), run_dir, resume=True)
 
 
 def test_resume_without_checkpoint(tmp_path: Path) -> None:
