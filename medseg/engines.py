@@ -62,12 +62,8 @@ def build_predictor(run: Run, engine: str, device: torch.device) -> Predictor:
 
 
 def _torch_forward(run: Run) -> Predictor:
-    network = run.network
-    if run.config.model.spatial_dims == 3:
-        network = network.to(memory_format=torch.channels_last_3d)
-
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return run_network(network, x)
+        return run_network(run.network, x)
 
     return forward
 

@@ -114,5 +114,9 @@ def model_builder(name: str) -> Callable[[ModelConfig, int, int], torch.nn.Modul
 
 
 def build_model(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
-    """Build the network named by ``cfg.name``."""
-    return model_builder(cfg.name)(cfg, in_channels, out_channels)
+    """Build the network named by ``cfg.name``; 3D networks are kept channels-last, the layout
+    `run_network` feeds them (+17% training volumes/s on CPU, docs/recipe.md)."""
+    net = model_builder(cfg.name)(cfg, in_channels, out_channels)
+    if cfg.spatial_dims == 3:
+        net = net.to(memory_format=torch.channels_last_3d)
+    return net

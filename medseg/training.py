@@ -348,10 +348,7 @@ class _Trainer:
     ) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
         torch.manual_seed(cfg.train.seed)
-        net = build_model(cfg.model, len(plan.channels), len(plan.labels))
-        if cfg.model.spatial_dims == 3:  # run_network feeds 3D inputs channels-last
-            net = net.to(memory_format=torch.channels_last_3d)
-        self.net = net.to(device)
+        self.net = build_model(cfg.model, len(plan.channels), len(plan.labels)).to(device)
         self.loss_fn = build_loss(cfg.train.loss)
         self.optimizer = _optimizer(cfg, self.net)
         self.steps_per_epoch = cfg.train.iterations_per_epoch or max(

@@ -78,6 +78,14 @@ def test_unet_uses_channels_last_norms_and_keeps_dynunet_state_dict() -> None:
     torch.testing.assert_close(net.eval()(x), plain.eval()(x))
 
 
+def test_3d_networks_are_built_channels_last_and_2d_ones_contiguous() -> None:
+    net = build_model(ModelConfig(filters=(4, 8, 16), patch_size=(16, 16, 16)), 1, 3)
+    kernels = [p for p in net.parameters() if p.dim() == 5]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in kernels)
+    flat = build_model(ModelConfig(spatial_dims=2, filters=(4, 8, 16), patch_size=(16, 16)), 1, 3)
+    assert all(p.is_contiguous() for p in flat.parameters())
+
+
 def test_residual_unet_has_residual_blocks_and_channels_last_norms() -> None:
     cfg = ModelConfig(filters=(4, 8, 16), patch_size=(16, 16, 16), deep_supervision=1)
     plain = build_model(cfg, 1, 3)
