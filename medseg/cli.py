@@ -83,12 +83,13 @@ def _run(fn: Callable[[], Any]) -> Any:
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     config: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
             help="YAML config file (see configs/), or a dataset folder: planned first, as "
-            "'medseg plan' would."
+            "'medseg plan' would. Not needed with --resume (the run's stored config is used).",
+            show_default=False,
         ),
-    ],
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Argument(help="Dotted overrides, e.g. train.epochs=2 data.root=DIR."),
@@ -136,7 +137,14 @@ def train(
                 f"--resume continues {run_dir} with its stored config.yaml; drop the overrides "
                 f"({' '.join(extra)}) or start a new --run-dir"
             )
-        cfg = _planned(config, extra) if config.is_dir() else load_config(config, extra)
+        if resume:  # the run's stored config is used: nothing to plan
+            # (an ensemble from before medseg stored its config takes it from CONFIG)
+            old_ensemble = folds == "all" and config is not None and config.is_file()
+            cfg = load_config(config) if old_ensemble else None
+        elif config is None:
+            raise ConfigError("name a config file or a dataset folder to train on")
+        else:
+            cfg = _planned(config, extra) if config.is_dir() else load_config(config, extra)
         if folds == "all":
             return train_folds(cfg, run_dir, resume=resume, progress=True)
         return train_fn(cfg, run_dir, resume=resume, progress=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 
 from medseg.config import ConfigError
@@ -30,6 +31,40 @@ def loss_builder(name: str) -> Callable[[], torch.nn.Module]:
     return LOSSES[name]
 
 
-def build_loss(name: str) -> torch.nn.Module:
-    """Build the loss named `name`."""
-    return loss_builder(name)()
+def build_loss(name: str, deep_supervision: int = 0, grid: str = "full") -> torch.nn.Module:
+    """Build the loss named `name`; with deep supervision, for the network's list of outputs
+    (`DeepSupervisionLoss`; `grid` is ``model.deep_supervision_grid``)."""
+    loss = loss_builder(name)()
+    return loss if deep_supervision == 0 else DeepSupervisionLoss(loss, grid == "full")
+
+
+class DeepSupervisionLoss(torch.nn.Module):
+    """`loss` over a deep-supervised network's outputs (full resolution first, then each lower
+    decoder level at its own grid), weighted 1, 1/2, 1/4, ... and normalised to sum to 1.
+
+    With `upsample_heads`, each head is upsampled (nearest) to the full-resolution grid, as
+    MONAI's DynUNet does; otherwise the target is downsampled (nearest) to each head's grid, as
+    nnU-Net does, which with many classes halves the training step (docs/recipe.md). MONAI's
+    own DeepSupervisionLoss does only the second, and takes no integer label maps.
+    """
+
+    def __init__(self, loss: torch.nn.Module, upsample_heads: bool = True) -> None:
+        super().__init__()
+        self.loss, self.upsample_heads = loss, upsample_heads
+
+    def forward(self, outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        weights = [0.5**i for i in range(len(outputs))]
+        total = sum(
+            w * self.loss(*self._pair(out, target)) for w, out in zip(weights, outputs, strict=True)
+        )
+        return total / sum(weights)  # type: ignore[return-value]
+
+    def _pair(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = target.shape[2:]
+        if out.shape[2:] == grid:
+            return out, target
+        if self.upsample_heads:
+            return F.interpolate(out, size=grid), target
+        # integer tensors cannot be interpolated; label values are exact in float32
+        small = F.interpolate(target.float(), size=out.shape[2:], mode="nearest-exact")
+        return out, small.long()

@@ -27,6 +27,7 @@ VALIDATION = "validation"
 POSTPROCESSING = "postprocessing.json"
 ONNX = "model.onnx"
 FOLD_PREFIX = "fold_"  # an ensemble folder holds fold_0/, fold_1/, ..., each a run folder
+ENSEMBLE_CONFIG = "ensemble.yaml"  # an ensemble's config (not config.yaml: that marks one run)
 
 
 class RunError(ValueError):

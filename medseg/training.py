@@ -98,12 +98,12 @@ def kfold_split(names: list[str], folds: int, fold: int, seed: int) -> Split:
     )
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = False) -> Path:
+def train(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool = False) -> Path:
     """Train a model and fill `run_dir` with everything `medseg predict` needs.
 
     Args:
         cfg: the configuration (``data.root`` must name a dataset folder). Ignored when
-            resuming: the run folder's stored configuration is used.
+            resuming (may be None then): the run folder's stored configuration is used.
         run_dir: the run folder; created, or continued with `resume`.
         resume: continue the run in `run_dir` from its ``last.pt``.
         progress: show a progress bar with loss and ETA.
@@ -121,6 +121,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Fal
             f"{run_dir}: already holds a run; pass --resume to continue it "
             "or choose another --run-dir"
         )
+    if cfg is None:
+        raise ConfigError("no configuration given: name a config file or a dataset folder")
     _check_names(cfg)
     if cfg.data.root is None:
         raise ConfigError(
@@ -131,7 +133,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Fal
         return _train(cfg, run_dir, resume, progress)
 
 
-def train_folds(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = False) -> Path:
+def train_folds(
+    cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool = False
+) -> Path:
     """Train every fold into ``RUN/fold_K`` (an ensemble `medseg predict` averages).
 
     A time budget (``train.max_minutes``) is shared equally between the folds. Afterwards the
@@ -139,18 +143,29 @@ def train_folds(cfg: Config, run_dir: Path, resume: bool = False, progress: bool
     cross-validation and to decide the ensemble's post-processing.
 
     Args:
-        cfg: the configuration; ``train.fold`` is ignored.
+        cfg: the configuration; ``train.fold`` is ignored. When resuming, the ensemble's stored
+            configuration (``RUN/ensemble.yaml``) is used instead; `cfg` may then be None.
         run_dir: the ensemble folder.
         resume: skip finished folds and continue an interrupted one.
         progress: show progress bars.
     """
     run_dir = Path(run_dir)
+    stored = run_dir / runs.ENSEMBLE_CONFIG
+    if resume and stored.is_file():
+        cfg = config_mod.load_config(stored)
+    elif resume and cfg is None:
+        raise TrainingError(f"{run_dir}: nothing to resume ({runs.ENSEMBLE_CONFIG} not found)")
+    if cfg is None:
+        raise ConfigError("no configuration given: name a config file or a dataset folder")
     fold_dirs = [run_dir / f"fold_{k}" for k in range(cfg.train.folds)]
     if not resume and any((d / runs.LAST).exists() for d in fold_dirs):
         raise TrainingError(
             f"{run_dir}: already holds trained folds; pass --resume to finish them "
             "or choose another --run-dir"
         )
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save_config(cfg, stored)
     budget = cfg.train.max_minutes
     per_fold = None if budget is None else budget / cfg.train.folds
     for fold, fold_dir in enumerate(fold_dirs):
@@ -349,7 +364,9 @@ class _Trainer:
         self.cfg, self.plan, self.device = cfg, plan, device
         torch.manual_seed(cfg.train.seed)
         self.net = build_model(cfg.model, len(plan.channels), len(plan.labels)).to(device)
-        self.loss_fn = build_loss(cfg.train.loss)
+        self.loss_fn = build_loss(
+            cfg.train.loss, cfg.model.deep_supervision, cfg.model.deep_supervision_grid
+        )
         self.optimizer = _optimizer(cfg, self.net)
         self.steps_per_epoch = cfg.train.iterations_per_epoch or max(
             1, math.ceil(len(train_cases) / cfg.train.batch_size)
@@ -497,7 +514,7 @@ class _Trainer:
         y = batch[LABEL].to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.amp):
-            loss = self._loss(run_network(self.net, x), y)
+            loss = self.loss_fn(run_network(self.net, x), y)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
@@ -505,15 +522,6 @@ class _Trainer:
         self.scaler.update()
         self.scheduler.step()
         return float(loss.detach())
-
-    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Loss on the main output, plus deep-supervision outputs with weights 1/2, 1/4, ..."""
-        if self.cfg.model.deep_supervision == 0:
-            return self.loss_fn(out, y)
-        heads = torch.unbind(out, dim=1)
-        weights = [0.5**i for i in range(len(heads))]
-        total = sum(w * self.loss_fn(h, y) for w, h in zip(weights, heads, strict=True))
-        return total / sum(weights)
 
     def _validate(self, limit: int | None = None) -> dict[str, float]:
         """Per-label Dice on the validation cases, in the preprocessed (resampled) space."""

@@ -63,7 +63,8 @@ def main() -> None:
         swap_instance_norms(net, torch.nn.InstanceNorm3d)
     net = net.to(memory_format=memory).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    loss_fn = build_loss(cfg.train.loss)
+    model = cfg.model  # the training loss
+    loss_fn = build_loss(cfg.train.loss, model.deep_supervision, model.deep_supervision_grid)
     batch = cfg.train.batch_size
     x = torch.randn(batch, 1, *cfg.model.patch_size).contiguous(memory_format=memory)
     y = torch.randint(0, args.classes, (batch, 1, *cfg.model.patch_size))
@@ -73,8 +74,8 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             as_is = args.single_as_is or args.contiguous  # run_network makes 3D channels-last
             out = net(x) if as_is else run_network(net, x)
-        out = out[:, 0] if out.dim() == x.dim() + 1 else out  # deep supervision: main head
-        loss_fn(out.float(), y).backward()
+        outs = [o.float() for o in out] if isinstance(out, list) else out.float()
+        loss_fn(outs, y).backward()
         optimizer.step()
 
     for _ in range(2):  # warm-up: allocator and oneDNN kernel selection

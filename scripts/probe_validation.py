@@ -17,7 +17,9 @@ of the first run's fold are predicted in the preprocessed space (the same grid a
   labels is along AXIS (slices holding both labels, in the reference and in the prediction), and
   the mean Dice once the predicted foreground is re-split at one plane across AXIS: at the plane
   that agrees most with the prediction, and at the plane that fits the reference best (an upper
-  bound: what placing the plane right would give).
+  bound: what placing the plane right would give); and how far the prediction's own plane sits
+  from the reference's (mean and SD in slices: a mean far from 0 would be a bias a shift could
+  remove).
 
 Examples::
 
@@ -74,7 +76,7 @@ def main() -> None:
     union: list[float] = []  # all foreground labels as one: how much is the labels' split
     if args.split_axis is not None and len(labels) != 2:
         raise SystemExit(f"--split-axis needs two foreground labels, the run has {len(labels)}")
-    planes: list[tuple[int, int, float, float]] = []
+    planes: list[tuple[int, int, float, float, int]] = []
     names = info["train_cases"][: args.training_cases] if args.training_cases else info["val_cases"]
     for item in Dataset(_items(info["dataset"], names), val_transforms(runs[0].plan)):
         image = item[IMAGE].as_tensor()
@@ -92,7 +94,7 @@ def main() -> None:
     print(f"{len(runs)} run(s), {len(scores[next(iter(labels))])} {kind} cases")
     print(f"all foreground labels as one label: Dice {np.mean(union):.4f}")
     if planes:
-        mixed_ref, mixed_pred, own, best = np.array(planes, dtype=float).T
+        mixed_ref, mixed_pred, own, best, offset = np.array(planes, dtype=float).T
         print(
             f"split along axis {args.split_axis}: slices holding both labels per case: reference "
             f"{mixed_ref.mean():.2f} (none in {int((mixed_ref == 0).sum())} of {len(planes)} "
@@ -102,16 +104,21 @@ def main() -> None:
             f"predicted foreground re-split at one plane: Dice {own.mean():.4f} at the "
             f"prediction's plane, {best.mean():.4f} at the reference's best plane"
         )
+        print(
+            f"prediction's plane minus the reference's, in slices: mean {offset.mean():+.2f}, "
+            f"SD {offset.std():.2f}"
+        )
     cells = [f"{name}={value:.4f}" for name, value in means.items()]
     print(" ".join([*cells, f"mean={np.mean(list(means.values())):.4f}"]))
 
 
 def _plane_split(
     ref: np.ndarray, pred: np.ndarray, axis: int, labels: tuple[int, ...]
-) -> tuple[int, int, float, float]:
-    """Slices along `axis` holding both labels (reference, prediction), and the mean Dice of the
+) -> tuple[int, int, float, float, int]:
+    """Slices along `axis` holding both labels (reference, prediction); the mean Dice of the
     predicted foreground split at one plane: the plane (and side) agreeing most with the
-    prediction, and the one scoring best against the reference."""
+    prediction, and the one scoring best against the reference; and the prediction's own plane
+    minus the reference's own plane (each the plane agreeing most with its volume)."""
     other = tuple(a for a in range(ref.ndim) if a != axis)
 
     def mixed(volume: np.ndarray) -> int:
@@ -119,7 +126,7 @@ def _plane_split(
 
     position = np.indices(pred.shape)[axis]
     foreground = pred > 0
-    own = (-1, 0.0)  # (voxels agreeing with the prediction, Dice)
+    own = (-1, 0.0, 0)  # (voxels agreeing with the prediction, Dice, plane)
     best = 0.0
     for k in range(pred.shape[axis] + 1):
         for low, high in (labels, labels[::-1]):
@@ -127,9 +134,21 @@ def _plane_split(
             score = float(np.mean([dice(*confusion(ref, split, v)) for v in labels]))
             agree = int((split == pred)[foreground].sum())
             if agree > own[0]:  # ties keep the first plane: the reference must not decide
-                own = (agree, score)
+                own = (agree, score, k)
             best = max(best, score)
-    return mixed(ref), mixed(pred), own[1], best
+    return mixed(ref), mixed(pred), own[1], best, own[2] - _own_plane(ref, axis, labels)
+
+
+def _own_plane(volume: np.ndarray, axis: int, labels: tuple[int, ...]) -> int:
+    """The plane across `axis` that, splitting the volume's foreground, agrees most with it."""
+    position = np.indices(volume.shape)[axis]
+    foreground = volume > 0
+    agreement = [
+        int((np.where(position < k, low, high) == volume)[foreground].sum())
+        for k in range(volume.shape[axis] + 1)
+        for low, high in (labels, labels[::-1])
+    ]
+    return int(np.argmax(agreement)) // 2
 
 
 def _items(dataset: str, names: list[str]) -> list[dict[str, object]]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY
 from typer.testing import CliRunner
 
@@ -80,6 +82,18 @@ def test_train_predict_evaluate(
     assert metrics.with_suffix(".csv").is_file()
 
 
+def test_resume_needs_no_config(tmp_path: Path, tiny_run: Path) -> None:
+    """`--resume` takes the run's stored config; a finished run resumes to the same model."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    before = torch.load(run_dir / "model.pt", weights_only=True)
+    result = invoke("train", "--run-dir", run_dir, "--resume")
+    assert result.exit_code == 0, result.output
+    after = torch.load(run_dir / "model.pt", weights_only=True)
+    for key, value in before["model"].items():
+        torch.testing.assert_close(after["model"][key], value)
+
+
 def test_help_lists_commands() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
@@ -91,6 +105,8 @@ def test_help_lists_commands() -> None:
     ("args", "message"),
     [
         (["train", "missing.yaml"], "config file not found"),
+        (["train", "--run-dir", "runs/x"], "name a config file or a dataset folder"),
+        (["train", "--run-dir", "nowhere", "--resume"], "nothing to resume"),
         (["train", "configs/hippocampus_3d.yaml", "train.epochs=0"], "train.epochs must be >= 1"),
         (
             ["train", "configs/hippocampus_3d.yaml", "train.epoch=3"],

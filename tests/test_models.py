@@ -95,8 +95,21 @@ def test_residual_unet_has_residual_blocks_and_channels_last_norms() -> None:
     norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
     assert norms and all(type(m) is ChannelsLastInstanceNorm3d for m in norms)
     x = torch.randn(2, 1, 16, 16, 16)
-    assert net.train()(x).shape == (2, 2, 3, 16, 16, 16)  # full-resolution + one extra head
+    assert [o.shape for o in net.train()(x)] == [(2, 3, 16, 16, 16), (2, 3, 8, 8, 8)]
     assert net.eval()(x).shape == (2, 3, 16, 16, 16)
+
+
+def test_deep_supervision_heads_stay_at_their_resolution_per_axis() -> None:
+    """Each head comes at its decoder level's grid (anisotropic strides too), not upsampled."""
+    cfg = ModelConfig(
+        filters=(4, 8, 16, 32),
+        patch_size=(16, 16, 8),
+        strides=((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
+        deep_supervision=2,
+    )
+    net = build_model(cfg, 1, 5).train()
+    shapes = [o.shape for o in net(torch.randn(2, 1, 16, 16, 8))]
+    assert shapes == [(2, 5, 16, 16, 8), (2, 5, 8, 8, 8), (2, 5, 4, 4, 4)]
 
 
 def test_swap_instance_norms_both_ways_and_leaves_other_layers_alone() -> None:
@@ -127,12 +140,15 @@ def test_run_network_gives_a_single_sample_the_same_logits_and_gradients(trainin
     for forward in (net, lambda t: run_network(net, t)):
         net.zero_grad(set_to_none=True)
         out = forward(x)
-        out.square().mean().backward()
+        outs = out if isinstance(out, list) else [out]  # deep-supervision heads in training
+        sum(o.square().mean() for o in outs).backward()
         grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-        results.append((out.detach(), grads))
+        results.append(([o.detach() for o in outs], grads))
     (ours, our_grads), (theirs, their_grads) = results[1], results[0]
-    assert ours.shape == theirs.shape  # one sample in, one out
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert [o.shape for o in ours] == [o.shape for o in theirs]  # one sample in, one out
+    assert len(ours) == (2 if training else 1)
+    for our, their in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(our, their, rtol=1e-4, atol=1e-5)
     assert our_grads.keys() == their_grads.keys() and our_grads
     for name, reference in their_grads.items():
         torch.testing.assert_close(our_grads[name], reference, rtol=1e-3, atol=1e-5)

@@ -323,6 +323,9 @@ def test_all_folds_pool_validation_and_decide_postprocessing(
     assert set(decision["validation_dice"]) == {"Anterior", "Posterior"}
     with pytest.raises(TrainingError, match="--resume"):
         training.train_folds(cfg, run)
-    before = [(f / "model.pt").stat().st_mtime_ns for f in folds]
-    training.train_folds(cfg, run, resume=True)  # finished folds are skipped, not retrained
-    assert [(f / "model.pt").stat().st_mtime_ns for f in folds] == before
+    before = (folds[0] / "model.pt").stat().st_mtime_ns
+    shutil.rmtree(folds[1])
+    training.train_folds(None, run, resume=True)  # the stored config; fold 0 is kept
+    assert (folds[0] / "model.pt").stat().st_mtime_ns == before
+    assert load_config(folds[1] / "config.yaml").train.epochs == 1  # not the default
+    assert (folds[1] / "model.pt").is_file()
