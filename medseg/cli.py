@@ -141,6 +141,8 @@ def train(
             # (an ensemble from before medseg stored its config takes it from CONFIG)
             old_ensemble = folds == "all" and config is not None and config.is_file()
             cfg = load_config(config) if old_ensemble else None
+            if config is not None and not old_ensemble:
+                typer.echo(f"--resume: {run_dir} continues with its stored config; {config} unused")
         elif config is None:
             raise ConfigError("name a config file or a dataset folder to train on")
         else:

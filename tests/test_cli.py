@@ -92,6 +92,10 @@ def test_resume_needs_no_config(tmp_path: Path, tiny_run: Path) -> None:
     after = torch.load(run_dir / "model.pt", weights_only=True)
     for key, value in before["model"].items():
         torch.testing.assert_close(after["model"][key], value)
+    # a config given anyway is not read, and the output says so
+    result = invoke("train", "missing.yaml", "--run-dir", run_dir, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "missing.yaml unused" in result.output
 
 
 def test_help_lists_commands() -> None:
