@@ -52,10 +52,11 @@ def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> torch.n
 class UNet(DynUNet):
     """MONAI's DynUNet whose deep-supervision outputs stay at their own resolution.
 
-    DynUNet upsamples every supervision head to full resolution before the loss; with many
-    classes that doubled the training step (118 classes: 21.5 s vs 11.7 s without the heads).
-    nnU-Net instead compares each head with a downsampled target, as `medseg.losses.build_loss`
-    does. Same modules and state-dict keys as DynUNet; eval mode unchanged.
+    DynUNet upsamples every supervision head to full resolution in its forward pass; with 118
+    classes that doubled the training step (21.5 s against 11.7 s without the heads). Here the
+    loss decides (`medseg.losses.DeepSupervisionLoss`): it upsamples them the same way, or
+    compares them with a downsampled target as nnU-Net does. Same modules and state-dict keys
+    as DynUNet; eval mode unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]

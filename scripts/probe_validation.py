@@ -124,31 +124,35 @@ def _plane_split(
     def mixed(volume: np.ndarray) -> int:
         return int(np.logical_and(*((volume == v).any(axis=other) for v in labels)).sum())
 
-    position = np.indices(pred.shape)[axis]
-    foreground = pred > 0
-    own = (-1, 0.0, 0)  # (voxels agreeing with the prediction, Dice, plane)
-    best = 0.0
-    for k in range(pred.shape[axis] + 1):
-        for low, high in (labels, labels[::-1]):
-            split = np.where(foreground, np.where(position < k, low, high), 0)
-            score = float(np.mean([dice(*confusion(ref, split, v)) for v in labels]))
-            agree = int((split == pred)[foreground].sum())
-            if agree > own[0]:  # ties keep the first plane: the reference must not decide
-                own = (agree, score, k)
-            best = max(best, score)
-    return mixed(ref), mixed(pred), own[1], best, own[2] - _own_plane(ref, axis, labels)
+    def score(k: int, low: int, high: int) -> float:
+        split = np.where(pred > 0, _split(pred.shape, axis, k, low, high), 0)
+        return float(np.mean([dice(*confusion(ref, split, v)) for v in labels]))
+
+    splits = _splits(pred.shape[axis], labels)
+    own = splits[_own_split(pred, axis, labels)]  # the reference must not decide it
+    best = max(score(*s) for s in splits)
+    offset = own[0] - splits[_own_split(ref, axis, labels)][0]
+    return mixed(ref), mixed(pred), score(*own), best, offset
 
 
-def _own_plane(volume: np.ndarray, axis: int, labels: tuple[int, ...]) -> int:
-    """The plane across `axis` that, splitting the volume's foreground, agrees most with it."""
-    position = np.indices(volume.shape)[axis]
+def _splits(size: int, labels: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Every (plane, label below it, label above it) across an axis of `size` slices."""
+    return [(k, low, high) for k in range(size + 1) for low, high in (labels, labels[::-1])]
+
+
+def _split(shape: tuple[int, ...], axis: int, k: int, low: int, high: int) -> np.ndarray:
+    return np.where(np.indices(shape)[axis] < k, low, high)
+
+
+def _own_split(volume: np.ndarray, axis: int, labels: tuple[int, ...]) -> int:
+    """Index in `_splits` of the split whose labels agree most with the volume's foreground
+    (ties: the first)."""
     foreground = volume > 0
     agreement = [
-        int((np.where(position < k, low, high) == volume)[foreground].sum())
-        for k in range(volume.shape[axis] + 1)
-        for low, high in (labels, labels[::-1])
+        int((_split(volume.shape, axis, *s) == volume)[foreground].sum())
+        for s in _splits(volume.shape[axis], labels)
     ]
-    return int(np.argmax(agreement)) // 2
+    return int(np.argmax(agreement))
 
 
 def _items(dataset: str, names: list[str]) -> list[dict[str, object]]:
