@@ -223,9 +223,12 @@ class TrainConfig:
     schedule: str = "cosine"
     """Learning-rate decay: cosine or poly (nnU-Net's (1 - t)^0.9)."""
     loss: str = "dice_ce"
-    """Loss name (see medseg.losses.LOSSES): dice_ce or dice."""
+    """Loss name (see medseg.losses.LOSSES): dice_ce, dice_ce_case (Dice per patch) or dice."""
     foreground_fraction: float = 0.5
     """Fraction of patches centred on a foreground voxel (foreground oversampling)."""
+    ema: float = 0.0
+    """Decay per step of an exponential moving average of the weights, which is then what is
+    validated and saved (e.g. 0.999); 0 = off, the last weights."""
     folds: int = 5
     """Number of cross-validation folds the cases are split into; 1 = train on every case
     and validate on the training cases (for datasets too small to hold any out)."""
@@ -275,6 +278,7 @@ class TrainConfig:
             0 <= self.foreground_fraction <= 1,
             f"train.foreground_fraction must be in [0, 1], got {self.foreground_fraction}",
         )
+        _check(0 <= self.ema < 1, f"train.ema must be in [0, 1), got {self.ema}")
         _check(self.folds >= 1, f"train.folds must be >= 1, got {self.folds}")
         _check(
             0 <= self.fold < self.folds,

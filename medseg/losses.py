@@ -16,12 +16,21 @@ def dice_ce() -> torch.nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
 
+def dice_ce_case() -> torch.nn.Module:
+    """As dice_ce, but Dice per patch, then averaged (the evaluation's per-case mean)."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=False)
+
+
 def dice() -> torch.nn.Module:
     """Soft Dice on the foreground classes only."""
     return DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
 
-LOSSES: dict[str, Callable[[], torch.nn.Module]] = {"dice_ce": dice_ce, "dice": dice}
+LOSSES: dict[str, Callable[[], torch.nn.Module]] = {
+    "dice_ce": dice_ce,
+    "dice_ce_case": dice_ce_case,
+    "dice": dice,
+}
 
 
 def loss_builder(name: str) -> Callable[[], torch.nn.Module]:

@@ -25,6 +25,7 @@ import torch
 from monai.data import CacheDataset, Dataset
 from monai.data.utils import set_rnd, worker_init_fn
 from monai.utils import set_determinism
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, RandomSampler
 
 from medseg import __version__, runs
@@ -368,6 +369,7 @@ class _Trainer:
             cfg.train.loss, cfg.model.deep_supervision, cfg.model.deep_supervision_grid
         )
         self.optimizer = _optimizer(cfg, self.net)
+        self.ema = _moving_average(self.net, cfg.train.ema)
         self.steps_per_epoch = cfg.train.iterations_per_epoch or max(
             1, math.ceil(len(train_cases) / cfg.train.batch_size)
         )
@@ -398,6 +400,8 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.start_epoch = int(state["epoch"]) + 1
         self.history = list(state["history"])
         self.clock.restore(state.get("clock", {}))
@@ -459,7 +463,7 @@ class _Trainer:
                 if last:
                     break
         runs.save_checkpoint(
-            {"model": self.net.state_dict(), "epoch": self.history[-1]["epoch"]},
+            {"model": self.weights().state_dict(), "epoch": self.history[-1]["epoch"]},
             run_dir / runs.MODEL,
         )
 
@@ -521,11 +525,17 @@ class _Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
         return float(loss.detach())
+
+    def weights(self) -> torch.nn.Module:
+        """The network that is validated and saved: the moving average if `train.ema` is on."""
+        return self.net if self.ema is None else self.ema.module
 
     def _validate(self, limit: int | None = None) -> dict[str, float]:
         """Per-label Dice on the validation cases, in the preprocessed (resampled) space."""
-        self.net.eval()
+        self.weights().eval()
         labels = {v: n for v, n in self.plan.labels.items() if v != 0}
         counts = {v: np.zeros(3, np.int64) for v in labels}
         window = configured_window(self.cfg)
@@ -542,7 +552,7 @@ class _Trainer:
 
     def _predictor(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, enabled=self.amp):
-            return run_network(self.net, x)
+            return run_network(self.weights(), x)
 
     def _checkpoint(self, run_dir: Path, epoch: int) -> None:
         runs.save_checkpoint(
@@ -551,6 +561,7 @@ class _Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
+                **({} if self.ema is None else {"ema": self.ema.state_dict()}),
                 "epoch": epoch,
                 "history": self.history,
                 "clock": self.clock.state(),
@@ -580,6 +591,13 @@ def _cached(items: list[dict[str, Any]], transform: Any, cache: bool) -> Any:
     if cache:
         return CacheDataset(items, transform, cache_rate=1.0, num_workers=None, progress=False)
     return Dataset(items, transform)
+
+
+def _moving_average(net: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """torch's exponential moving average of `net`'s weights, or None when `decay` is 0."""
+    if decay == 0:
+        return None
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _optimizer(cfg: Config, net: torch.nn.Module) -> torch.optim.Optimizer:

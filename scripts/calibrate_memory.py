@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-# (spatial_dims, patch, strides or None, filters, batch, classes)
+# (spatial_dims, patch, strides or None, filters, batch, classes, deep supervision, its grid)
 CASES = [
-    (3, [32, 32, 32], None, [16, 32, 64, 128], 2, 3),
-    (3, [64, 64, 64], None, [16, 32, 64, 128, 256], 2, 3),
-    (3, [96, 96, 64], None, [16, 32, 64, 128, 256, 256], 2, 2),
-    (3, [64, 64, 64], None, [16, 32, 64, 128], 1, 32),
-    (3, [48, 48, 48], None, [16, 32, 64, 128], 2, 118),
+    (3, [32, 32, 32], None, [16, 32, 64, 128], 2, 3, 0, "full"),
+    (3, [64, 64, 64], None, [16, 32, 64, 128, 256], 2, 3, 0, "full"),
+    (3, [96, 96, 64], None, [16, 32, 64, 128, 256, 256], 2, 2, 0, "full"),
+    (3, [64, 64, 64], None, [16, 32, 64, 128], 1, 32, 0, "full"),
+    (3, [48, 48, 48], None, [16, 32, 64, 128], 2, 118, 0, "full"),
     (
         3,
         [128, 128, 16],
@@ -41,9 +41,17 @@ CASES = [
         [16, 32, 64, 128, 256],
         2,
         2,
+        0,
+        "full",
     ),
-    (2, [256, 256], None, [16, 32, 64, 128, 256, 256], 4, 3),
+    (2, [256, 256], None, [16, 32, 64, 128, 256, 256], 4, 3, 0, "full"),
 ]
+DEEP_SUPERVISION_CASES = [
+    (3, [64, 64, 64], None, [16, 32, 64, 128, 256], 2, 3, 2, "full"),
+    (3, [48, 48, 48], None, [16, 32, 64, 128], 2, 118, 2, "full"),
+    (3, [48, 48, 48], None, [16, 32, 64, 128], 2, 118, 2, "heads"),
+]
+"""Checked against the estimate, not fitted (``--deep-supervision``)."""
 
 
 def _rss_kib(field: str) -> int:
@@ -61,7 +69,7 @@ def measure(spec: list) -> dict:
     from medseg.losses import build_loss
     from medseg.models import build_model
 
-    dims, patch, strides, filters, batch, classes = spec
+    dims, patch, strides, filters, batch, classes, deep, grid = spec
     torch.set_num_threads(1)
     baseline = _rss_kib("VmRSS")
     model_cfg = ModelConfig(
@@ -69,18 +77,20 @@ def measure(spec: list) -> dict:
         patch_size=tuple(patch),
         filters=tuple(filters),
         strides=None if strides is None else tuple(tuple(s) for s in strides),
+        deep_supervision=deep,
+        deep_supervision_grid=grid,
     )
     net = build_model(model_cfg, 1, classes).train()
     params = sum(p.numel() for p in net.parameters())
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    loss_fn = build_loss("dice_ce")
+    loss_fn = build_loss("dice_ce", deep, grid)
     memory = torch.channels_last_3d if dims == 3 else torch.contiguous_format
     x = torch.randn(batch, 1, *patch).contiguous(memory_format=memory)
     y = torch.randint(0, classes, (batch, 1, *patch))
     before = _rss_kib("VmRSS")
     for _ in range(2):  # the second step sees AdamW's state and the allocator's steady state
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
+        loss_fn(net(x), y).backward()  # one sample as is (training doubles it: run_network)
         optimizer.step()
     peak = _rss_kib("VmHWM")
     # gradients and AdamW's two moments (the weights were allocated before `before`)
@@ -91,6 +101,11 @@ def measure(spec: list) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--deep-supervision",
+        action="store_true",
+        help="also measure configurations with deep supervision (compared, not fitted)",
+    )
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
@@ -100,7 +115,7 @@ def main() -> None:
     from medseg.planner import FEATURE_FACTOR, OUTPUT_FACTOR, activation_elements, parameter_count
 
     rows = []
-    for spec in CASES:
+    for spec in CASES + (DEEP_SUPERVISION_CASES if args.deep_supervision else []):
         out = subprocess.run(
             [sys.executable, __file__, "--one", json.dumps(spec)],
             capture_output=True,
@@ -108,23 +123,29 @@ def main() -> None:
             check=True,
         )
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        dims, patch, strides, filters, batch, classes = spec
+        dims, patch, strides, filters, batch, classes, deep, grid = spec
         model = ModelConfig(
             spatial_dims=dims,
             patch_size=tuple(patch),
             filters=tuple(filters),
             strides=None if strides is None else tuple(tuple(s) for s in strides),
+            deep_supervision=deep,
+            deep_supervision_grid=grid,
         )
         features, outputs = activation_elements(model, classes)
         rows.append((spec, result, 4 * batch * features, 4 * batch * outputs))
         estimated_params = parameter_count(model, 1, classes)
         print(f"{spec}: {result['params']} parameters, planner estimates {estimated_params}")
-    a = np.array([[r[2], r[3]] for r in rows], dtype=float)
-    b = np.array([r[1]["step_bytes"] for r in rows], dtype=float)
+    fitted = [r for r in rows if r[0][6] == 0]
+    a = np.array([[r[2], r[3]] for r in fitted], dtype=float)
+    b = np.array([r[1]["step_bytes"] for r in fitted], dtype=float)
     (feature_factor, output_factor), *_ = np.linalg.lstsq(a, b, rcond=None)
     print(f"fit: FEATURE_FACTOR={feature_factor:.1f} OUTPUT_FACTOR={output_factor:.1f}")
     print(f"in medseg.planner: FEATURE_FACTOR={FEATURE_FACTOR} OUTPUT_FACTOR={OUTPUT_FACTOR}")
-    print("dims patch strides filters batch classes | measured GiB | planner estimate GiB")
+    print(
+        "dims patch strides filters batch classes deep-supervision grid"
+        " | measured GiB | planner estimate GiB"
+    )
     for spec, result, f_bytes, o_bytes in rows:
         estimate = FEATURE_FACTOR * f_bytes + OUTPUT_FACTOR * o_bytes
         print(f"{spec} | {result['step_bytes'] / 2**30:.2f} | {estimate / 2**30:.2f}")

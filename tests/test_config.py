@@ -98,6 +98,7 @@ BAD_OVERRIDES = {
     "epochs_zero": ("train.epochs=0", "train.epochs must be >= 1, got 0"),
     "overlap_one": ("infer.overlap=1.0", "infer.overlap must be in [0, 1), got 1.0"),
     "fold_out_of_range": ("train.fold=5", "train.fold must be in [0, 4], got 5"),
+    "ema_one": ("train.ema=1", "train.ema must be in [0, 1), got 1"),
     "patch_not_divisible": (
         "model.patch_size=[40, 56, 36]",
         "model.patch_size must be multiples of 8",

@@ -25,6 +25,16 @@ def _seeded() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def test_per_patch_dice_averages_the_patches_and_batch_dice_pools_them() -> None:
+    y = _blocky_labels((8, 8, 8), 3)
+    y[1][y[1] == 2] = 0  # label 2 only in the first patch: the two Dice kinds then differ
+    logits = torch.randn(2, 3, 8, 8, 8, generator=_seeded())
+    per_patch = build_loss("dice_ce_case")
+    separately = (per_patch(logits[:1], y[:1]) + per_patch(logits[1:], y[1:])) / 2
+    torch.testing.assert_close(per_patch(logits, y), separately)
+    assert abs(float(build_loss("dice_ce")(logits, y) - separately)) > 1e-3
+
+
 def test_deep_supervision_loss_on_the_heads_grid_downsamples_the_target() -> None:
     y = _blocky_labels((8, 8, 8), 3)
     full = torch.randn(2, 3, 8, 8, 8, generator=_seeded())

@@ -143,11 +143,13 @@ def test_resume_without_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ema", [0.0, 0.5])
 def test_resume_equals_uninterrupted(
-    tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch, ema: float
 ) -> None:
-    """A run stopped after epoch 1 and resumed ends with the weights of a straight run."""
-    cfg = load_config(None, [*tiny_overrides, "train.epochs=3"])
+    """A run stopped after epoch 1 and resumed ends with the weights of a straight run (and, with
+    `train.ema`, the same moving average)."""
+    cfg = load_config(None, [*tiny_overrides, "train.epochs=3", f"train.ema={ema}"])
     straight = train(cfg, tmp_path / "straight")
 
     class Crash(Exception):
@@ -171,9 +173,26 @@ def test_resume_equals_uninterrupted(
     b = torch.load(resumed / "last.pt", weights_only=True)
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    for key in a.get("ema", {}):
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-5, atol=1e-6)
+    assert ("ema" in a) == (ema > 0)
     losses_a = [row["train_loss"] for row in a["history"]]
     losses_b = [row["train_loss"] for row in b["history"]]
     assert losses_b == pytest.approx(losses_a, rel=1e-5)
+
+
+def test_moving_average_is_what_is_saved(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """With `train.ema`, model.pt holds the averaged weights, not the last ones."""
+    run = train(load_config(None, [*tiny_overrides, "train.ema=0.5"]), tmp_path / "ema")
+    last = torch.load(run / "last.pt", weights_only=True)
+    saved = runs.load_checkpoint(run / "model.pt")["model"]
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
+    assert saved.keys() == last["model"].keys() == averaged.keys()
+    for key in saved:
+        torch.testing.assert_close(saved[key], averaged[key])
+    moved = [k for k in saved if saved[k].is_floating_point()]
+    assert any(not torch.equal(saved[k], last["model"][k]) for k in moved)
+    assert int(last["ema"]["n_averaged"]) == 4  # 2 epochs of 2 steps
 
 
 def _two_channel_nnunet(demo_dataset: Path, root: Path, n_cases: int = 5) -> list[str]:
