@@ -2,8 +2,8 @@
 
 Reproducible and resumable: every epoch reseeds its sampler and augmentations from
 ``(seed, epoch)``, and ``last.pt`` (written atomically after each epoch) holds the model,
-optimizer, scheduler, scaler and history, so a resumed run continues exactly as an
-uninterrupted one would.
+optimizer, scheduler, scaler, weight average (``train.ema``) and history, so a resumed run
+continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations

@@ -120,9 +120,9 @@ def test_swap_instance_norms_both_ways_and_leaves_other_layers_alone() -> None:
         net[2].weight.fill_(2.0)
     swap_instance_norms(net)
     assert type(net[0]) is torch.nn.BatchNorm3d and type(net[1]) is torch.nn.InstanceNorm2d
-    assert type(net[2]) is ChannelsLastInstanceNorm3d and float(net[2].weight[0]) == 2.0
+    assert type(net[2]) is ChannelsLastInstanceNorm3d and float(net[2].weight.detach()[0]) == 2.0
     swap_instance_norms(net, torch.nn.InstanceNorm3d)
-    assert type(net[2]) is torch.nn.InstanceNorm3d and float(net[2].weight[0]) == 2.0
+    assert type(net[2]) is torch.nn.InstanceNorm3d and float(net[2].weight.detach()[0]) == 2.0
 
 
 def test_unknown_model_name_lists_the_known_ones() -> None:
