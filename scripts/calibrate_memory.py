@@ -24,8 +24,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from medseg.config import ModelConfig
 
 # (spatial_dims, patch, strides or None, filters, batch, classes, deep supervision, its grid)
 CASES = [
@@ -61,18 +65,12 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(spec: list) -> dict:
-    """Peak memory of one training step (run in a fresh process)."""
-    import torch
-
+def _model_config(spec: list) -> ModelConfig:
+    """The ModelConfig of one CASES entry."""
     from medseg.config import ModelConfig
-    from medseg.losses import build_loss
-    from medseg.models import build_model
 
-    dims, patch, strides, filters, batch, classes, deep, grid = spec
-    torch.set_num_threads(1)
-    baseline = _rss_kib("VmRSS")
-    model_cfg = ModelConfig(
+    dims, patch, strides, filters, _batch, _classes, deep, grid = spec
+    return ModelConfig(
         spatial_dims=dims,
         patch_size=tuple(patch),
         filters=tuple(filters),
@@ -80,7 +78,19 @@ def measure(spec: list) -> dict:
         deep_supervision=deep,
         deep_supervision_grid=grid,
     )
-    net = build_model(model_cfg, 1, classes).train()
+
+
+def measure(spec: list) -> dict:
+    """Peak memory of one training step (run in a fresh process)."""
+    import torch
+
+    from medseg.losses import build_loss
+    from medseg.models import build_model
+
+    dims, patch, _strides, _filters, batch, classes, deep, grid = spec
+    torch.set_num_threads(1)
+    baseline = _rss_kib("VmRSS")
+    net = build_model(_model_config(spec), 1, classes).train()
     params = sum(p.numel() for p in net.parameters())
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = build_loss("dice_ce", deep, grid)
@@ -111,7 +121,6 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))))
         return
 
-    from medseg.config import ModelConfig
     from medseg.planner import FEATURE_FACTOR, OUTPUT_FACTOR, activation_elements, parameter_count
 
     rows = []
@@ -123,20 +132,13 @@ def main() -> None:
             check=True,
         )
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        dims, patch, strides, filters, batch, classes, deep, grid = spec
-        model = ModelConfig(
-            spatial_dims=dims,
-            patch_size=tuple(patch),
-            filters=tuple(filters),
-            strides=None if strides is None else tuple(tuple(s) for s in strides),
-            deep_supervision=deep,
-            deep_supervision_grid=grid,
-        )
+        batch, classes = spec[4], spec[5]
+        model = _model_config(spec)
         features, outputs = activation_elements(model, classes)
         rows.append((spec, result, 4 * batch * features, 4 * batch * outputs))
         estimated_params = parameter_count(model, 1, classes)
         print(f"{spec}: {result['params']} parameters, planner estimates {estimated_params}")
-    fitted = [r for r in rows if r[0][6] == 0]
+    fitted = [r for r in rows if r[0] not in DEEP_SUPERVISION_CASES]
     a = np.array([[r[2], r[3]] for r in fitted], dtype=float)
     b = np.array([r[1]["step_bytes"] for r in fitted], dtype=float)
     (feature_factor, output_factor), *_ = np.linalg.lstsq(a, b, rcond=None)
