@@ -122,8 +122,7 @@ def train(cfg: Config | None, run_dir: Path, resume: bool = False, progress: boo
             f"{run_dir}: already holds a run; pass --resume to continue it "
             "or choose another --run-dir"
         )
-    if cfg is None:
-        raise ConfigError("no configuration given: name a config file or a dataset folder")
+    cfg = _given(cfg)
     _check_names(cfg)
     if cfg.data.root is None:
         raise ConfigError(
@@ -156,8 +155,7 @@ def train_folds(
         cfg = config_mod.load_config(stored)
     elif resume and cfg is None:
         raise TrainingError(f"{run_dir}: nothing to resume ({runs.ENSEMBLE_CONFIG} not found)")
-    if cfg is None:
-        raise ConfigError("no configuration given: name a config file or a dataset folder")
+    cfg = _given(cfg)
     fold_dirs = [run_dir / f"fold_{k}" for k in range(cfg.train.folds)]
     if not resume and any((d / runs.LAST).exists() for d in fold_dirs):
         raise TrainingError(
@@ -203,6 +201,13 @@ def _pool_cross_validation(run_dir: Path, fold_dirs: list[Path]) -> None:
         results["mean"]["foreground_mean"]["dice"],
     )
     _decide_postprocessing(pooled, labels, run_dir)
+
+
+def _given(cfg: Config | None) -> Config:
+    """`cfg`; a new run (nothing to resume) without one is a user error."""
+    if cfg is None:
+        raise ConfigError("no configuration given: name a config file or a dataset folder")
+    return cfg
 
 
 def _check_names(cfg: Config) -> None:

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY
 
 from medseg import runs, training
-from medseg.config import load_config
+from medseg.config import ConfigError, load_config
 from medseg.training import TrainingError, kfold_split, train
 
 NAMES = [f"case_{i:03d}" for i in range(23)]
@@ -135,6 +135,12 @@ def test_resume_refuses_a_changed_split(tmp_path: Path, tiny_run: Path) -> None:
     (run_dir / runs.INFO).write_text(json.dumps(info))
     with pytest.raises(TrainingError, match="start a new run instead of resuming"):
         train(load_config(None), run_dir, resume=True)
+
+
+@pytest.mark.parametrize("train_fn", [train, training.train_folds], ids=["one", "all"])
+def test_new_run_without_config_is_refused(tmp_path: Path, train_fn) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match="no configuration given"):
+        train_fn(None, tmp_path / "new")
 
 
 def test_resume_without_checkpoint(tmp_path: Path) -> None:
