@@ -239,6 +239,10 @@ class TrainConfig:
     split_seed: int = 0
     """Seed of the case shuffle that makes the folds. Separate from `seed`, so runs with other
     training seeds validate on the same held-out cases."""
+    train_cases: int | None = None
+    """Train on only this many of the fold's training cases, a fixed random subset (drawn with
+    `split_seed`; smaller subsets lie inside larger ones), for learning curves: Dice against the
+    number of annotated cases. The held-out cases do not change. null = all of them."""
     val_every: int = 5
     """Validate (sliding window, per-label Dice) every N epochs and at the last epoch."""
     num_workers: int = 0
@@ -283,6 +287,10 @@ class TrainConfig:
         _check(
             0 <= self.fold < self.folds,
             f"train.fold must be in [0, {self.folds - 1}], got {self.fold}",
+        )
+        _check(
+            self.train_cases is None or self.train_cases >= 1,
+            f"train.train_cases must be >= 1 or null, got {self.train_cases}",
         )
         _check(self.val_every >= 1, f"train.val_every must be >= 1, got {self.val_every}")
         _check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")

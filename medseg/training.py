@@ -99,6 +99,19 @@ def kfold_split(names: list[str], folds: int, fold: int, seed: int) -> Split:
     )
 
 
+def subset_training(split: Split, count: int | None, seed: int) -> Split:
+    """Keep `count` of the split's training cases, drawn with `seed` (nested: the first
+    `count` of one shuffle), and all of its validation cases. None keeps every case."""
+    if count is None:
+        return split
+    if count > len(split.train):
+        raise TrainingError(
+            f"train.train_cases={count}, but this fold has only {len(split.train)} training cases"
+        )
+    keep = set(np.random.default_rng(seed).permutation(list(split.train))[:count].tolist())
+    return Split(tuple(n for n in split.train if n in keep), split.val)
+
+
 def train(cfg: Config | None, run_dir: Path, resume: bool = False, progress: bool = False) -> Path:
     """Train a model and fill `run_dir` with everything `medseg predict` needs.
 
@@ -233,6 +246,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
     split = kfold_split(
         [c.name for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.split_seed
     )
+    split = subset_training(split, cfg.train.train_cases, cfg.train.split_seed)
     if resume:
         _check_same_split(run_dir, split)
     by_name = {c.name: c for c in dataset.cases}

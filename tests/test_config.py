@@ -99,6 +99,7 @@ BAD_OVERRIDES = {
     "overlap_one": ("infer.overlap=1.0", "infer.overlap must be in [0, 1), got 1.0"),
     "fold_out_of_range": ("train.fold=5", "train.fold must be in [0, 4], got 5"),
     "ema_one": ("train.ema=1", "train.ema must be in [0, 1), got 1"),
+    "no_train_cases": ("train.train_cases=0", "train.train_cases must be >= 1 or null, got 0"),
     "patch_not_divisible": (
         "model.patch_size=[40, 56, 36]",
         "model.patch_size must be multiples of 8",

@@ -14,7 +14,7 @@ from conftest import TINY
 
 from medseg import runs, training
 from medseg.config import ConfigError, load_config
-from medseg.training import TrainingError, kfold_split, train
+from medseg.training import TrainingError, kfold_split, subset_training, train
 
 NAMES = [f"case_{i:03d}" for i in range(23)]
 
@@ -40,6 +40,22 @@ def test_one_fold_trains_and_validates_on_every_case() -> None:
 def test_kfold_split_too_few_cases() -> None:
     with pytest.raises(TrainingError, match="cannot be split into 5 folds"):
         kfold_split(NAMES[:3], 5, 0, seed=0)
+
+
+def test_training_subsets_are_nested_and_keep_the_validation_cases() -> None:
+    split = kfold_split(NAMES, 5, 0, seed=0)
+    small, large = (subset_training(split, n, seed=0) for n in (5, 12))
+    assert len(small.train) == 5 and len(large.train) == 12
+    assert set(small.train) < set(large.train) < set(split.train)
+    assert small.val == large.val == split.val
+    assert small.train == tuple(sorted(small.train))
+    assert subset_training(split, None, seed=0) == split
+    assert subset_training(split, 5, seed=1).train != small.train
+
+
+def test_training_subset_larger_than_the_fold() -> None:
+    with pytest.raises(TrainingError, match="only 18 training cases"):
+        subset_training(kfold_split(NAMES, 5, 0, seed=0), 19, seed=0)
 
 
 def test_run_folder_is_self_describing(tiny_run: Path) -> None:
@@ -119,6 +135,16 @@ def test_training_seed_keeps_the_split(
     assert seeded_info["train_cases"] == info["train_cases"]
     names = [*info["train_cases"], *info["val_cases"]]
     assert kfold_split(names, 5, 0, seed=1).val != tuple(info["val_cases"])  # split_seed=1 differs
+
+
+def test_training_on_a_subset_records_it(
+    tmp_path: Path, tiny_run: Path, tiny_overrides: list[str]
+) -> None:
+    full = json.loads((tiny_run / runs.INFO).read_text())
+    run_dir = train(load_config(None, [*tiny_overrides, "train.train_cases=3"]), tmp_path / "n3")
+    info = json.loads((run_dir / runs.INFO).read_text())
+    assert len(info["train_cases"]) == 3 and set(info["train_cases"]) < set(full["train_cases"])
+    assert info["val_cases"] == full["val_cases"]
 
 
 def test_resume_refuses_a_changed_split(tmp_path: Path, tiny_run: Path) -> None:
