@@ -274,7 +274,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
             trainer.set_budget(_training_budget(cfg.train.max_minutes, start, trainer))
         trainer.fit(run_dir, progress)
     _final_validation(run_dir, val_cases, device, progress)
-    _record_wall_time(run_dir, time.perf_counter() - start)
+    _record_wall_time(run_dir, time.perf_counter() - start, device)
     return run_dir
 
 
@@ -317,13 +317,33 @@ def in_loop_validation_fits(cost: float | None, budget: float | None, elapsed: f
     return cost <= IN_LOOP_VALIDATION_SHARE * budget and cost <= budget - elapsed
 
 
-def _record_wall_time(run_dir: Path, seconds: float) -> None:
-    """Add this session's wall time (data loading to final validation) to run.json."""
+def _record_wall_time(run_dir: Path, seconds: float, device: torch.device) -> None:
+    """Add this session's wall time (data loading to final validation) to run.json, with the
+    machine it ran on (timings mean little without it; a resumed run records its last one)."""
     path = run_dir / runs.INFO
     info = json.loads(path.read_text())
     info["wall_seconds"] = round(info.get("wall_seconds", 0.0) + seconds, 1)
+    info["machine"] = machine_description(device)
     runs.write_json(info, path)
     log.info("finished in %.1f min (wall time, this session)", seconds / 60)
+
+
+def machine_description(device: torch.device) -> str:
+    """What trained: the GPU's name on CUDA, else the CPU's model and torch's thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"{_cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def _cpu_name() -> str:
+    # platform.processor() is often empty on Linux; /proc/cpuinfo names the model there.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _check(dataset: Any, progress: bool) -> None:

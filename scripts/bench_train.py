@@ -79,6 +79,7 @@ def report(run_dir: Path, batch_size: int, minutes: float) -> None:
         f"epochs: {len(rows)}, cases: {len(info['train_cases'])} train / "
         f"{len(info['val_cases'])} validation"
     )
+    print(f"machine: {info.get('machine', 'not recorded')}, torch {info['torch_version']}")
     print(f"minutes={minutes:.1f} dice_mean={dice_mean:.3f}")
 
 

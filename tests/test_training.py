@@ -14,7 +14,13 @@ from conftest import TINY
 
 from medseg import runs, training
 from medseg.config import ConfigError, load_config
-from medseg.training import TrainingError, kfold_split, subset_training, train
+from medseg.training import (
+    TrainingError,
+    kfold_split,
+    machine_description,
+    subset_training,
+    train,
+)
 
 NAMES = [f"case_{i:03d}" for i in range(23)]
 
@@ -82,6 +88,9 @@ def test_run_folder_is_self_describing(tiny_run: Path) -> None:
     assert set(info["train_cases"]).isdisjoint(info["val_cases"])
     assert len(info["train_cases"]) == 8 and len(info["val_cases"]) == 2
     assert load_config(tiny_run / "config.yaml").data.spacing == (1.0, 1.0, 1.0)
+    assert info["machine"] == machine_description(torch.device("cpu"))
+    assert info["machine"].endswith(f", {torch.get_num_threads()} threads")
+    assert not info["machine"].startswith(",")  # a CPU name comes first
 
 
 def test_metrics_csv_has_one_row_per_epoch(tiny_run: Path) -> None:
