@@ -274,7 +274,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
             trainer.set_budget(_training_budget(cfg.train.max_minutes, start, trainer))
         trainer.fit(run_dir, progress)
     _final_validation(run_dir, val_cases, device, progress)
-    _record_wall_time(run_dir, time.perf_counter() - start, device)
+    _record_session(run_dir, time.perf_counter() - start, device)
     return run_dir
 
 
@@ -317,9 +317,10 @@ def in_loop_validation_fits(cost: float | None, budget: float | None, elapsed: f
     return cost <= IN_LOOP_VALIDATION_SHARE * budget and cost <= budget - elapsed
 
 
-def _record_wall_time(run_dir: Path, seconds: float, device: torch.device) -> None:
-    """Add this session's wall time (data loading to final validation) to run.json, with the
-    machine it ran on (timings mean little without it; a resumed run records its last one)."""
+def _record_session(run_dir: Path, seconds: float, device: torch.device) -> None:
+    """Record this training session in run.json: add its wall time (data loading to final
+    validation) and name the machine it ran on (timings mean little without it; a resumed run
+    keeps the last session's)."""
     path = run_dir / runs.INFO
     info = json.loads(path.read_text())
     info["wall_seconds"] = round(info.get("wall_seconds", 0.0) + seconds, 1)
