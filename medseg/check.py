@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from medseg.datasets import Case, Dataset, DatasetError, load_dataset
-from medseg.io import ImageError, LabelMap, Volume, load_labels, load_volume
+from medseg.io import ImageError, LabelMap, Volume, load_labels, load_volume, same_grid
 
 log = logging.getLogger(__name__)
-
-GRID_TOLERANCE_MM = 1e-2
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ def label_problems(labels: LabelMap, image: Volume, declared: set[int] | None) -
             f"{labels.source}: label shape {labels.array.shape} differs from image shape "
             f"{image.shape} ({image.source})"
         )
-    elif not np.allclose(labels.affine, image.affine, atol=GRID_TOLERANCE_MM):
+    elif not same_grid(labels.affine, image.affine, labels.array.shape, image.shape):
         problems.append(
             f"{labels.source}: label origin/spacing/direction differ from the image's "
             f"({image.source}); resample the label onto the image grid (nearest neighbour)"

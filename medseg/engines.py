@@ -17,8 +17,9 @@ import torch
 
 from medseg.config import ConfigError
 from medseg.models import run_network
-from medseg.planning import ChannelNorm, Plan
+from medseg.preprocessing_plan import Plan
 from medseg.runs import ONNX, Run, RunError
+from medseg.transforms import normalize_channel
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,10 @@ def _renormalized(forward: Predictor, reference: Plan, own: Plan) -> Predictor:
     def renormalize(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         for c, ref, norm in pairs:
-            x[:, c] = _ct(x[:, c] * ref.std + ref.mean, norm)
+            x[:, c] = normalize_channel(x[:, c] * ref.std + ref.mean, norm)
         return forward(x)
 
     return renormalize
-
-
-def _ct(x: torch.Tensor, norm: ChannelNorm) -> torch.Tensor:
-    return (x.clamp(norm.lower, norm.upper) - norm.mean) / norm.std
 
 
 def export_onnx(run: Run, output: Path | None = None) -> list[Path]:

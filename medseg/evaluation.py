@@ -51,14 +51,13 @@ from typing import Any
 
 import numpy as np
 
-from medseg.io import atomic_path, is_image_file, load_labels, strip_suffix
+from medseg.io import atomic_path, is_image_file, load_labels, same_grid, strip_suffix
 
 log = logging.getLogger(__name__)
 
 FLOAT_METRICS = ("dice", "iou", "precision", "recall", "hd95")
 COUNT_METRICS = ("tp", "fp", "fn", "n_ref", "n_pred")
 CSV_COLUMNS = ("case", "label", *FLOAT_METRICS, *COUNT_METRICS)
-AFFINE_ATOL = 1e-3
 
 
 class EvaluationError(ValueError):
@@ -376,7 +375,7 @@ def _evaluate_pair(
             f"{pred_path} has shape {pred.array.shape} but {ref_path} has {ref.array.shape}; "
             "predictions must lie on the reference grid"
         )
-    if not np.allclose(ref.affine, pred.affine, atol=AFFINE_ATOL):
+    if not same_grid(ref.affine, pred.affine, ref.array.shape, pred.array.shape):
         raise EvaluationError(
             f"{pred_path} and {ref_path} have different affines; predictions must lie on the "
             "reference grid (resample the prediction with nearest neighbour)"

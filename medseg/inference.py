@@ -30,11 +30,10 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
-from monai.inferers.utils import _get_scan_interval
 
 from medseg.config import Config, ConfigError
 from medseg.io import Volume
-from medseg.planning import Plan
+from medseg.preprocessing_plan import Plan
 from medseg.slabs import Slab, SlabMapper
 from medseg.transforms import (
     IMAGE,
@@ -298,7 +297,7 @@ def _stream_windows(
     roi = tuple(window.roi_size)
     padded, pads = _pad_to(image, roi)
     size = tuple(padded.shape[1:])
-    interval = _get_scan_interval(size, roi, 3, (window.overlap,) * 3)
+    interval = scan_interval(size, roi, window.overlap)
     windows = dense_patch_slices(size, roi, interval)
     occupied = _occupied(padded, windows, floors)
     groups: dict[int, list[Slices]] = {}
@@ -321,6 +320,15 @@ def _stream_windows(
         if slab is not None:
             yield slab
         blend.advance(stop)
+
+
+def scan_interval(size: Sequence[int], roi: Sequence[int], overlap: float) -> tuple[int, ...]:
+    """Step between window starts per axis, as MONAI's sliding_window_inference places them
+    (MONAI keeps this rule private; the windows must match its for equal results)."""
+    steps = []
+    for s, r in zip(size, roi, strict=True):
+        steps.append(int(r) if r == s else max(1, int(r * (1 - overlap))))
+    return tuple(steps)
 
 
 class _Blend:

@@ -8,6 +8,7 @@ so a label map written with `save_labels(labels, like=volume)` lies on exactly t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
@@ -27,6 +28,9 @@ os.umask(_UMASK)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".ima", "")
+GRID_TOLERANCE_MM = 0.1
+"""Two grids are one when no voxel centre moves by more than this (a tenth of a typical voxel;
+float32 headers and DICOM's decimal strings stay far below it). Every grid check uses it."""
 
 
 class ImageError(ValueError):
@@ -105,6 +109,26 @@ def ras_shape(shape: Sequence[int], affine: np.ndarray) -> tuple[int, int, int]:
     return tuple(out)  # type: ignore[return-value]
 
 
+def grid_offset_mm(affine_a: np.ndarray, affine_b: np.ndarray, shape: Sequence[int]) -> float:
+    """Largest distance in mm between where two voxel-to-world affines put a voxel of `shape`.
+
+    The maps are affine, so the largest distance over the grid is at one of its corners.
+    """
+    corners = np.array(list(itertools.product(*[(0, max(int(n) - 1, 0)) for n in shape[:3]])))
+    points = np.c_[corners, np.ones(len(corners))] @ (np.asarray(affine_a) - affine_b).T
+    return float(np.linalg.norm(points[:, :3], axis=1).max())
+
+
+def same_grid(
+    affine_a: np.ndarray, affine_b: np.ndarray, shape_a: Sequence[int], shape_b: Sequence[int]
+) -> bool:
+    """True when two grids have the same shape and every voxel centre agrees within
+    `GRID_TOLERANCE_MM`."""
+    if tuple(shape_a[:3]) != tuple(shape_b[:3]):
+        return False
+    return grid_offset_mm(affine_a, affine_b, shape_a) <= GRID_TOLERANCE_MM
+
+
 def check_label_array(labels: np.ndarray, shape: tuple[int, ...], source: Path | str) -> None:
     """Check that `labels` is a non-negative integer map of spatial shape `shape`.
 
@@ -178,9 +202,10 @@ def load_volume(paths: Path | Sequence[Path]) -> Volume:
             raise ImageError(
                 f"{path}: expected a 3D image (or 4D with channels last), got shape {data.shape}"
             )
-        if affine is not None and not np.allclose(aff, affine, atol=1e-3):
+        if channels and not same_grid(aff, affine, data.shape[1:], channels[0].shape[1:]):
             raise ImageError(
-                f"{path}: channel lies on a different grid than {paths[0]}; resample it first"
+                f"{path}: channel lies on a different grid (shape {data.shape[1:]}) than "
+                f"{paths[0]} (shape {channels[0].shape[1:]}); resample it onto that grid first"
             )
         affine = aff if affine is None else affine
         channels.append(data)

@@ -34,7 +34,7 @@ from medseg.config import (
 )
 from medseg.datasets import load_dataset
 from medseg.fingerprint import Fingerprint, compute_fingerprint, save_fingerprint
-from medseg.planning import channel_scheme
+from medseg.preprocessing_plan import channel_scheme
 
 log = logging.getLogger(__name__)
 

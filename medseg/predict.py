@@ -193,7 +193,7 @@ def predict_cases(
     engine = resolve_engine(options.engine, run, device)
     predictor = build_predictor(run, engine, device)
     stamp = (
-        f"medseg model {run.fingerprint} overlap {window.overlap:g} tta {list(window.tta)} {engine}"
+        f"medseg model {run.weights_id} overlap {window.overlap:g} tta {list(window.tta)} {engine}"
     )
     formats = _requested(options.formats, items)
     written = []

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg import __version__
-from medseg.evaluation import AFFINE_ATOL, EvaluationError, format_table
+from medseg.evaluation import EvaluationError, format_table
 from medseg.export.labels import describe_label
 from medseg.export.qc import (
     PANEL_INCHES,
@@ -39,7 +39,15 @@ from medseg.export.qc import (
     to_ras,
     view_slice,
 )
-from medseg.io import LabelMap, atomic_path, is_image_file, load_labels, load_volume, strip_suffix
+from medseg.io import (
+    LabelMap,
+    atomic_path,
+    is_image_file,
+    load_labels,
+    load_volume,
+    same_grid,
+    strip_suffix,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -304,9 +312,7 @@ def _case_image(images_dir: Path, case: str, ref: LabelMap) -> np.ndarray:
     """Channel 0 of the case's image, checked to lie on the reference grid."""
     path = _case_file(images_dir, case, (case, f"{case}_0000"))
     volume = load_volume(path)
-    if volume.shape != ref.array.shape or not np.allclose(
-        volume.affine, ref.affine, atol=AFFINE_ATOL
-    ):
+    if not same_grid(volume.affine, ref.affine, volume.shape, ref.array.shape):
         raise EvaluationError(
             f"{path} has shape {volume.shape} and does not lie on the grid of {ref.source} "
             f"{ref.array.shape}; pass the images the references were drawn on"

@@ -18,7 +18,7 @@ import torch
 
 from medseg.config import Config, ConfigError, load_config
 from medseg.io import atomic_path
-from medseg.planning import Plan, load_plan
+from medseg.preprocessing_plan import Plan, load_plan
 
 CONFIG, PLAN, LABELS, INFO = "config.yaml", "plan.json", "labels.json", "run.json"
 METRICS, CURVE, LOG = "metrics.csv", "training_curve.png", "train.log"
@@ -49,7 +49,7 @@ class Run:
     config: Config
     plan: Plan
     network: torch.nn.Module
-    fingerprint: str = ""
+    weights_id: str = ""
     """First 12 hex digits of a SHA-256 over every member's weights and the post-processing
     settings: which model made an output."""
     members: tuple[Run, ...] = ()
@@ -124,7 +124,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> Run:
     largest = _read_postprocessing(run_dir / POSTPROCESSING)
     digest = hashlib.sha256()
     for fold in members or (run,):
-        digest.update(fold.fingerprint.encode())
+        digest.update(fold.weights_id.encode())
     digest.update(repr(largest).encode())
     return Run(
         run_dir,
@@ -190,8 +190,8 @@ def _load_single(run_dir: Path, device: torch.device | str) -> Run:
         network.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:
         raise RunError(f"{run_dir}: weights do not match the configured network ({err})") from None
-    fingerprint = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
-    return Run(run_dir, cfg, plan, network.to(device).eval(), fingerprint)
+    weights_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    return Run(run_dir, cfg, plan, network.to(device).eval(), weights_id)
 
 
 def latest_run(runs_root: Path = Path("runs")) -> Path:

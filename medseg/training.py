@@ -37,7 +37,7 @@ from medseg.inference import configured_window, resolve_device, sliding_window_p
 from medseg.io import atomic_path
 from medseg.losses import build_loss
 from medseg.models import build_model, run_network
-from medseg.planning import Plan, make_plan, save_plan
+from medseg.preprocessing_plan import Plan, make_plan, save_plan
 from medseg.transforms import (
     IMAGE,
     LABEL,

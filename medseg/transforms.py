@@ -22,7 +22,7 @@ from medseg.check import label_problems
 from medseg.config import Config
 from medseg.datasets import DatasetError
 from medseg.io import ImageError, Volume, load_labels, load_volume
-from medseg.planning import ChannelNorm, Plan
+from medseg.preprocessing_plan import ChannelNorm, Plan
 
 IMAGE, LABEL = "image", "label"
 

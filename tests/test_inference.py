@@ -16,11 +16,12 @@ from medseg.inference import (
     Window,
     predict_volume,
     resolve_device,
+    scan_interval,
     sliding_window_probabilities,
     tta_axes,
 )
 from medseg.io import Volume, load_volume, ras_spacing
-from medseg.planning import ChannelNorm, Plan
+from medseg.preprocessing_plan import ChannelNorm, Plan
 
 
 def threshold_predictor(x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +301,7 @@ import numpy as np, torch
 from pathlib import Path
 from medseg.inference import Window, predict_volume
 from medseg.io import Volume
-from medseg.planning import ChannelNorm, Plan
+from medseg.preprocessing_plan import ChannelNorm, Plan
 
 classes, shape = 40, (192, 192, 96)
 grid = np.meshgrid(*(np.linspace(0, 3, n, dtype=np.float32) for n in shape), indexing="ij")
@@ -330,3 +331,11 @@ def test_input_resolution_map_is_never_held_for_all_classes() -> None:
     all_classes = 40 * 192 * 192 * 96 * 4  # float32 probabilities on the input grid: 566 MB
     assert right_shape == "True"
     assert int(growth) < all_classes / 4
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize(("size", "roi"), [((64, 40, 17), (32, 40, 16)), ((5, 9, 100), (5, 3, 1))])
+def test_scan_interval_places_windows_as_monai(size, roi, overlap: float) -> None:
+    from monai.inferers.utils import _get_scan_interval  # the rule medseg must reproduce
+
+    assert scan_interval(size, roi, overlap) == _get_scan_interval(size, roi, 3, (overlap,) * 3)

@@ -15,9 +15,11 @@ from conftest import read_sitk
 from medseg.io import (
     ImageError,
     atomic_path,
+    grid_offset_mm,
     label_dtype,
     load_labels,
     load_volume,
+    same_grid,
     save_labels,
 )
 
@@ -244,3 +246,53 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path: Path) -> None:
         raise RuntimeError("crash")
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def _rotated(affine: np.ndarray, degrees: float) -> np.ndarray:
+    """`affine` rotated about the world z axis through its origin."""
+    t = np.radians(degrees)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    out = affine.copy()
+    out[:3, :3] = rotation[:3, :3] @ affine[:3, :3]
+    return out
+
+
+GRID_PAIRS = {
+    "identical": (lambda a: a, True),
+    "shifted_0.05mm": (lambda a: a + np.pad([[0.05], [0], [0]], ((0, 1), (3, 0))), True),
+    "shifted_0.2mm": (lambda a: a + np.pad([[0.2], [0], [0]], ((0, 1), (3, 0))), False),
+    # 0.6 degrees changes no affine entry by 0.01 (the old per-entry tolerance) but moves the
+    # far corner of a 512 x 0.8 mm axis by about 4 mm
+    "rotated_0.6deg": (lambda a: _rotated(a, 0.6), False),
+}
+
+
+@pytest.mark.parametrize(("change", "same"), GRID_PAIRS.values(), ids=GRID_PAIRS.keys())
+def test_same_grid_is_one_tolerance_in_mm(change, same: bool) -> None:
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-200.0, -180.0, 40.0)
+    other = change(affine)
+    assert same_grid(affine, other, (512, 512, 100), (512, 512, 100)) is same
+    assert not same_grid(affine, affine, (512, 512, 100), (512, 512, 99))
+
+
+def test_rotation_below_the_old_per_entry_tolerance_is_a_different_grid() -> None:
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    other = _rotated(affine, 0.6)
+    assert np.abs(other - affine).max() < 1e-2
+    assert grid_offset_mm(affine, other, (512, 512, 100)) > 4.0
+
+
+def test_grid_offset_is_the_largest_voxel_displacement() -> None:
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    other = _rotated(affine, 90.0)
+    # the corner (9, 0, 0) moves to (0, 9, 0): 9 * sqrt(2) mm; the corner (9, 9, 0) goes further
+    assert grid_offset_mm(affine, other, (10, 10, 1)) == pytest.approx(np.hypot(9, 9) * np.sqrt(2))
+
+
+def test_channels_of_different_shapes_are_refused(tmp_path: Path) -> None:
+    a = _write_nifti(tmp_path / "a_0000.nii.gz", np.zeros((4, 5, 6), np.float32))
+    b = _write_nifti(tmp_path / "a_0001.nii.gz", np.zeros((4, 5, 7), np.float32))
+    with pytest.raises(ImageError, match="different grid"):
+        load_volume([a, b])

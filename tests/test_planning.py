@@ -1,4 +1,5 @@
-"""medseg.planning and medseg.planner: spacing rule, strides, memory-fitted patch and batch, CLI."""
+"""medseg.preprocessing_plan and medseg.planner: spacing rule, strides, memory-fitted patch
+and batch, CLI."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from medseg.planner import (
     shrink_to_image_fraction,
     target_spacing,
 )
-from medseg.planning import median_spacing
+from medseg.preprocessing_plan import median_spacing
 
 runner = CliRunner()
 CPU_8 = MemoryBudget("cpu", 8.0, "test")

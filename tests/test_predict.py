@@ -208,16 +208,16 @@ def test_ensemble_stamp_covers_every_fold(
     from medseg.runs import load_run
 
     ensemble = _ensemble(tiny_run, tmp_path / "ensemble")
-    before = load_run(ensemble).fingerprint
+    before = load_run(ensemble).weights_id
     weights = ensemble / "fold_1" / "model.pt"
     state = torch.load(weights, weights_only=True)
     first = next(iter(state["model"]))
     state["model"][first] = state["model"][first] + 1.0
     torch.save(state, weights)
-    assert load_run(ensemble).fingerprint != before
+    assert load_run(ensemble).weights_id != before
     image = demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"
     [out] = predict([image], tmp_path / "out", ensemble, PredictOptions("cpu", formats=("nifti",)))
-    assert load_run(ensemble).fingerprint in str(read_description(out))
+    assert load_run(ensemble).weights_id in str(read_description(out))
 
 
 def test_latest_run_finds_an_ensemble(

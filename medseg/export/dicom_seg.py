@@ -21,7 +21,7 @@ import numpy as np
 
 from medseg.export.anatomy import Code
 from medseg.export.labels import LabelInfo, describe_labels, present_values
-from medseg.io import ImageError, Volume, atomic_path, check_label_array
+from medseg.io import GRID_TOLERANCE_MM, ImageError, Volume, atomic_path, check_label_array
 
 if TYPE_CHECKING:
     from highdicom.seg import SegmentDescription
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERIES_NUMBER = 1000  # high, so the segmentation sorts after the acquired series in viewers
-INDEX_TOLERANCE = 0.1  # voxels: how far a pixel centre may sit from a voxel centre
 # Type 2 patient/study attributes the segmentation copies from its source (present, maybe empty).
 _TYPE2_COPIED = (
     "PatientName",
@@ -157,7 +156,8 @@ def instance_labels(labels: np.ndarray, affine: np.ndarray, ds: Dataset) -> np.n
     rows, cols = np.arange(int(ds.Rows)), np.arange(int(ds.Columns))
     index = origin + rows[:, None, None] * step_row + cols[None, :, None] * step_col
     nearest = np.rint(index).astype(np.int64)
-    if np.abs(index - nearest).max() > INDEX_TOLERANCE:
+    offset_mm = np.linalg.norm((index - nearest) @ np.asarray(affine)[:3, :3].T, axis=-1)
+    if offset_mm.max() > GRID_TOLERANCE_MM:
         raise ImageError(
             f"instance {ds.SOPInstanceUID}: its pixels do not lie on the volume's voxel grid; "
             "pass the volume read from this series"
