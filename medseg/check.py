@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.datasets import Case, Dataset, DatasetError, load_dataset
+from medseg.datasets import Case, Dataset, DatasetError, MissingFile, load_dataset
 from medseg.io import ImageError, LabelMap, Volume, load_labels, load_volume, same_grid
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,15 @@ class Problem:
 
 
 def check_dataset(root: Path, progress: bool = False) -> tuple[Dataset | None, list[Problem]]:
-    """Check a dataset folder; returns the dataset (None if unreadable) and all problems."""
+    """Check a dataset folder; returns the dataset (None if unreadable) and all problems:
+    every missing file, then every problem of the cases that have all their files."""
+    missing: list[MissingFile] = []
     try:
-        dataset = load_dataset(root)
+        dataset = load_dataset(root, missing)
     except DatasetError as err:
         return None, [Problem("dataset", Path(root) / "dataset.json", str(err))]
-    return dataset, check_cases(dataset, dataset.cases, progress)
+    problems = [Problem(m.case, m.path, m.message) for m in missing]
+    return dataset, problems + check_cases(dataset, dataset.cases, progress)
 
 
 def check_cases(dataset: Dataset, cases: Iterable[Case], progress: bool = False) -> list[Problem]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,13 +65,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def _handle_errors() -> Iterator[None]:
+    """User errors: one line and exit code 2 (with --verbose the traceback first, same code);
+    anything else is a bug in medseg and propagates (exit code 1)."""
     try:
         yield
     except typer.Exit:
         raise
     except Exception as err:
-        if _state["verbose"] or not isinstance(err, _user_errors()):
+        if not isinstance(err, _user_errors()):
             raise
+        if _state["verbose"]:
+            traceback.print_exc()
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(USER_ERROR) from None
 
@@ -215,13 +220,21 @@ def predict(
             help="torch, onnx (needs 'medseg export') or auto: onnx on CPU when exported.",
         ),
     ] = "auto",
+    allow_unfinished: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unfinished",
+            help="Predict with a run whose training did not finish (last.pt), or an ensemble "
+            "with unfinished folds.",
+        ),
+    ] = False,
 ) -> None:
     """Segment scans; writes OUTPUT/NAME.nii.gz on each input's exact grid."""
 
     def go() -> list[Path]:
         from medseg.config import DEVICES, ConfigError
         from medseg.inference import use_physical_cores
-        from medseg.predict import PredictOptions
+        from medseg.predict import BatchError, PredictOptions
         from medseg.predict import predict as predict_fn
 
         if device not in DEVICES:
@@ -229,9 +242,16 @@ def predict(
         if overlap is not None and not 0 <= overlap < 1:
             raise ConfigError(f"--overlap must be in [0, 1), got {overlap}")
         chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
-        options = PredictOptions(device, overlap, tta, overwrite, chosen, engine)
+        options = PredictOptions(
+            device, overlap, tta, overwrite, chosen, engine, allow_unfinished=allow_unfinished
+        )
         use_physical_cores()
-        return predict_fn(inputs, output, model, options, progress=True)
+        try:
+            return predict_fn(inputs, output, model, options, progress=True)
+        except BatchError as err:  # the scans that were predicted, then the failures
+            for path in err.written:
+                typer.echo(str(path))
+            raise
 
     written = _run(go)
     for path in written:
@@ -283,18 +303,33 @@ def evaluate(
             help="Images under the report's contours (CASE.nii.gz or CASE_0000.nii.gz).",
         ),
     ] = None,
+    empty: Annotated[
+        str,
+        typer.Option(
+            "--empty",
+            help="Missed or spurious labels: 'worst' scores HD95 as the image diagonal (mm) and "
+            "a missed label's precision as 0; 'exclude' leaves them out of those means.",
+        ),
+    ] = "worst",
 ) -> None:
     """Per-case and per-label Dice, IoU and HD95; prints a table, writes JSON, CSV (and HTML)."""
 
     def go() -> tuple[dict[str, Any], tuple[Path, Path]]:
         from medseg.datasets import read_label_names
-        from medseg.evaluation import EvaluationError, evaluate_folders, write_results
+        from medseg.evaluation import (
+            EMPTY_POLICIES,
+            EvaluationError,
+            evaluate_folders,
+            write_results,
+        )
 
+        if empty not in EMPTY_POLICIES:
+            raise EvaluationError(f"--empty must be {' or '.join(EMPTY_POLICIES)}, got {empty!r}")
         if images is not None and report is None:
             raise EvaluationError("--images only feeds the HTML report; add --report report.html")
         if images is not None and not images.is_dir():
             raise EvaluationError(f"{images}: images folder not found")
-        results = evaluate_folders(predictions, references, read_label_names(labels))
+        results = evaluate_folders(predictions, references, read_label_names(labels), empty)
         return results, write_results(results, output)
 
     results, (json_path, csv_path) = _run(go)
@@ -314,10 +349,11 @@ def _print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from medseg.evaluation import format_table
+    from medseg.evaluation import empty_rule_note, format_table
 
     header, rows = format_table(results)
-    table = Table(title=f"{len(results['cases'])} cases")
+    caption = empty_rule_note(results["empty"])
+    table = Table(title=f"{len(results['cases'])} cases", caption=caption, caption_justify="left")
     for name in header:
         table.add_column(name)
     for row in rows:

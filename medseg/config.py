@@ -33,17 +33,34 @@ class DataConfig:
     root: Path | None = None
     """Dataset folder holding dataset.json (MSD or nnU-Net v2 raw layout)."""
     spacing: tuple[float, float, float] | None = None
-    """Target voxel spacing in mm (x, y, z after RAS reorientation); null = dataset median."""
+    """Target voxel spacing in mm (x, y, z after RAS reorientation); null = dataset median.
+    2D models keep each case's own spacing along `model.slice_axis` (that entry is unused)."""
     normalization: str = "auto"
     """auto (CT -> dataset percentiles, others -> per-image z-score), zscore, ct or none."""
-    cache: bool = True
-    """Keep preprocessed training volumes in memory (fast; needs RAM for the whole dataset)."""
+    nonzero_mask: bool = False
+    """z-scored channels take their mean and std from the image's nonzero region (all channels,
+    holes filled) and are 0 outside it, so zero padding around skull-stripped MR does not change
+    the result (nnU-Net's use_mask_for_norm). The planner turns it on when the median case's
+    nonzero bounding box is under 3/4 of the image (docs/planning.md)."""
+    cache: str = "memory"
+    """Where the preprocessed training and validation cases are kept: memory (fastest; needs RAM
+    for the whole dataset), disk (MONAI PersistentDataset in `cache_dir`, read back each time)
+    or off (preprocessed again at every use). The planner picks memory or disk from the
+    dataset's estimated size. Old configs' true/false mean memory/off."""
+    cache_dir: Path | None = None
+    """Folder of the disk cache, one subfolder per preprocessing (plan and medseg version), so
+    runs of the same data can share it; delete it at any time. null = ``cache/`` in the run
+    folder (an ensemble's, for all of its folds)."""
 
     def __post_init__(self) -> None:
         _check(
             self.normalization in NORMALIZATIONS,
             f"data.normalization must be one of {sorted(NORMALIZATIONS)}, "
             f"got {self.normalization!r}",
+        )
+        _check(
+            self.cache in CACHES,
+            f"data.cache must be one of {', '.join(CACHES)}, got {self.cache!r}",
         )
         if self.spacing is not None:
             _check(
@@ -53,6 +70,9 @@ class DataConfig:
 
 
 NORMALIZATIONS = {"auto", "zscore", "ct", "none"}
+CACHES = ("memory", "disk", "off")
+LEGACY_VALUES = {"data.cache": {True: "memory", False: "off"}}
+"""Values older medseg versions wrote (run folders' config.yaml), read as their new spelling."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +82,16 @@ class ModelConfig:
     name: str = "unet"
     """Registered network name (see medseg.models.MODELS)."""
     spatial_dims: int = 3
-    """3 = volumetric U-Net; 2 = slice-wise U-Net on axial slices."""
+    """3 = volumetric U-Net; 2 = slice-wise U-Net on slices along `slice_axis`."""
+    slice_axis: int = 2
+    """2D models: the RAS axis the slices are taken along (2 = axial x-y slices, 1 = coronal
+    x-z, 0 = sagittal y-z); its spacing is not resampled, each case keeps its own (nnU-Net).
+    Ignored by 3D models."""
     filters: tuple[int, ...] = (16, 32, 64, 128)
     """Feature channels per resolution level; its length sets the depth."""
     patch_size: tuple[int, ...] = (40, 56, 40)
-    """Training patch and sliding-window size in voxels (2 numbers when spatial_dims is 2)."""
+    """Training patch and sliding-window size in voxels (2 numbers when spatial_dims is 2: the
+    slice's in-plane axes in RAS order, e.g. x and z for coronal slices)."""
     norm: str = "instance"
     """Normalisation layer: instance or batch."""
     deep_supervision: int = 0
@@ -87,6 +112,11 @@ class ModelConfig:
         _check(
             self.spatial_dims in (2, 3),
             f"model.spatial_dims must be 2 or 3, got {self.spatial_dims}",
+        )
+        _check(
+            self.slice_axis in (0, 1, 2),
+            f"model.slice_axis must be 0 (sagittal), 1 (coronal) or 2 (axial), "
+            f"got {self.slice_axis}",
         )
         _check(
             len(self.filters) >= 3,
@@ -174,7 +204,9 @@ class AugmentConfig:
     """Random augmentations applied to training patches."""
 
     flip_axes: tuple[int, ...] = ()
-    """Spatial axes (0=x, 1=y, 2=z in RAS) mirrored with probability 0.5 each."""
+    """Axes of the network's input mirrored with probability 0.5 each: 3D the RAS axes (0=x,
+    1=y, 2=z); 2D the slice's in-plane axes in RAS order (0, 1: x, y for axial slices, x, z
+    for coronal, y, z for sagittal)."""
     rotate_degrees: float = 15.0
     """Maximum rotation about each axis, in degrees (0 disables affine augmentation)."""
     scale: float = 0.15
@@ -486,8 +518,17 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         valid = ", ".join(prefix + name for name in fields)
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys here: {valid}")
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], raw[name], prefix + name) for name in raw}
+    kwargs = {
+        name: _coerce(hints[name], _upgraded(raw[name], prefix + name), prefix + name)
+        for name in raw
+    }
     return cls(**kwargs)
+
+
+def _upgraded(value: Any, key: str) -> Any:
+    """`value`, or its current spelling when it is one that older medseg versions wrote."""
+    legacy = LEGACY_VALUES.get(key, {})
+    return legacy[value] if isinstance(value, bool) and value in legacy else value
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

@@ -53,33 +53,53 @@ class Dataset:
     file_ending: str = ".nii.gz"
 
 
-def load_dataset(root: Path | str) -> Dataset:
+@dataclass(frozen=True)
+class MissingFile:
+    """A file a case needs that is not there (collected by `load_dataset` when asked to)."""
+
+    case: str
+    path: Path
+    message: str
+
+
+def load_dataset(root: Path | str, missing: list[MissingFile] | None = None) -> Dataset:
     """Read an MSD or nnU-Net v2 raw dataset folder.
 
     The layout is recognised from dataset.json: ``channel_names`` means nnU-Net v2 (cases
     discovered as ``imagesTr/CASE_XXXX<file_ending>``), ``modality`` with a ``training`` list
     means MSD.
 
+    Args:
+        root: the folder holding dataset.json.
+        missing: if given, a case lacking a file is left out and described here instead of
+            raising, so that `medseg check` can list every missing file at once.
+
     Raises:
-        DatasetError: missing dataset.json, unknown layout, missing files, or no cases.
+        DatasetError: missing dataset.json, unknown layout, missing files (unless collected),
+            or no cases.
     """
     root = Path(root)
     meta = read_dataset_json(root / "dataset.json")
     labels = parse_labels(meta, root / "dataset.json")
+    found: list[MissingFile] = []
     if "channel_names" in meta:
         layout, channels = "nnunet", _names(meta["channel_names"], "channel_names", root)
         file_ending = str(meta.get("file_ending", ".nii.gz"))
-        cases = _nnunet_cases(root, len(channels), file_ending)
+        cases = _nnunet_cases(root, len(channels), file_ending, found)
     elif "modality" in meta:
         layout, channels = "msd", _names(meta["modality"], "modality", root)
         file_ending = ".nii.gz"
-        cases = _msd_cases(root, meta)
+        cases = _msd_cases(root, meta, found)
     else:
         raise DatasetError(
             f"{root / 'dataset.json'}: neither 'channel_names' (nnU-Net v2) nor 'modality' (MSD) "
             "found; add one naming the input channels"
         )
-    if not cases:
+    if found and missing is None:
+        raise DatasetError(found[0].message)
+    if missing is not None:
+        missing += found
+    if not cases and not found:
         raise DatasetError(f"{root}: dataset holds no labelled training cases")
     return Dataset(root, layout, channels, labels, tuple(cases), file_ending)
 
@@ -150,7 +170,7 @@ def _names(raw: Any, key: str, root: Path) -> tuple[str, ...]:
     return tuple(str(name) for _, name in ordered)
 
 
-def _msd_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
+def _msd_cases(root: Path, meta: dict[str, Any], missing: list[MissingFile]) -> list[Case]:
     entries = meta.get("training")
     if not isinstance(entries, list):
         raise DatasetError(f"{root / 'dataset.json'}: MSD layout needs a 'training' list")
@@ -162,13 +182,14 @@ def _msd_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
             )
         image, label = root / entry["image"], root / entry["label"]
         name = _strip(image.name, ".nii.gz")
-        _require(image, name)
-        _require(label, name)
-        cases.append(Case(name, (image,), label))
+        if _present([image, label], name, missing):
+            cases.append(Case(name, (image,), label))
     return sorted(cases, key=lambda c: c.name)
 
 
-def _nnunet_cases(root: Path, n_channels: int, file_ending: str) -> list[Case]:
+def _nnunet_cases(
+    root: Path, n_channels: int, file_ending: str, missing: list[MissingFile]
+) -> list[Case]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         raise DatasetError(
@@ -182,21 +203,26 @@ def _nnunet_cases(root: Path, n_channels: int, file_ending: str) -> list[Case]:
             found.setdefault(match["case"], {})[int(match["channel"])] = path
     cases = []
     for name, channels in sorted(found.items()):
-        missing = [c for c in range(n_channels) if c not in channels]
-        if missing:
-            raise DatasetError(
-                f"{images_dir}: case {name} lacks channel file(s) "
-                + ", ".join(f"{name}_{c:04d}{file_ending}" for c in missing)
-            )
+        lacking = [
+            images_dir / f"{name}_{c:04d}{file_ending}"
+            for c in range(n_channels)
+            if c not in channels
+        ]
+        missing += [
+            MissingFile(name, p, f"{images_dir}: case {name} lacks channel file {p.name}")
+            for p in lacking
+        ]
         label = labels_dir / f"{name}{file_ending}"
-        _require(label, name)
-        cases.append(Case(name, tuple(channels[c] for c in range(n_channels)), label))
+        if _present([label], name, missing) and not lacking:
+            cases.append(Case(name, tuple(channels[c] for c in range(n_channels)), label))
     return cases
 
 
-def _require(path: Path, case: str) -> None:
-    if not path.is_file():
-        raise DatasetError(f"{path}: file of case {case} not found")
+def _present(paths: list[Path], case: str, missing: list[MissingFile]) -> bool:
+    """Whether every file of a case exists; each one that does not is added to `missing`."""
+    absent = [p for p in paths if not p.is_file()]
+    missing += [MissingFile(case, p, f"{p}: file of case {case} not found") for p in absent]
+    return not absent
 
 
 def _strip(name: str, suffix: str) -> str:

@@ -1,13 +1,15 @@
 """Dataset fingerprint: what planning needs to know about a dataset (nnU-Net's "fingerprint").
 
-Per case, the shape and spacing along the RAS axes (read from headers). Per channel, statistics
-of the foreground (label > 0) intensities, sampled across cases. Per label, the fraction of cases
-that contain it and its median size in voxels and mL. `medseg plan` saves it as JSON next to the
-planned config, so a reader can see what the plan was derived from.
+Per case, the shape and spacing along the RAS axes (read from headers) and how much of the
+image its nonzero voxels span. Per channel, statistics of the foreground (label > 0)
+intensities, sampled across cases. Per label, the fraction of cases that contain it and its
+median size in voxels and mL. `medseg plan` saves it as JSON next to the planned config, so a
+reader can see what the plan was derived from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from monai.transforms.utils import generate_spatial_bounding_box
 
 from medseg.datasets import Case, Dataset, DatasetError
 from medseg.io import (
@@ -46,6 +49,9 @@ class CaseGeometry:
     name: str
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    nonzero_fraction: float = 1.0
+    """Voxels of the bounding box of the nonzero voxels (any channel) over the image's voxels:
+    nnU-Net's relative size after cropping (1.0 in fingerprints written before it was kept)."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,12 @@ class Fingerprint:
             channels=tuple(raw["channels"]),
             labels={int(k): str(v) for k, v in raw["labels"].items()},
             cases=tuple(
-                CaseGeometry(c["name"], tuple(c["shape"]), tuple(c["spacing"]))  # type: ignore[arg-type]
+                CaseGeometry(
+                    c["name"],
+                    tuple(c["shape"]),  # type: ignore[arg-type]
+                    tuple(c["spacing"]),  # type: ignore[arg-type]
+                    float(c.get("nonzero_fraction", 1.0)),
+                )
                 for c in raw["cases"]
             ),
             intensities=tuple(IntensityStats(**s) for s in raw["intensities"]),
@@ -180,11 +191,17 @@ def compute_fingerprint(
     samples: dict[int, list[np.ndarray]] = {c: [] for c in channels}
     foreground = [v for v in dataset.labels if v != 0]
     counts = np.zeros((len(dataset.cases), len(foreground)), dtype=np.int64)
+    nonzero = np.ones(len(dataset.cases))
     for i, case in enumerate(_iterate(dataset.cases, progress, "fingerprint")):
         image, labels = load_case(dataset, case)
         add_foreground_samples(samples, image, labels, rng)
+        nonzero[i] = nonzero_fraction(image.array)
         if labels is not None:
             counts[i] = label_counts(labels.array, foreground)
+    geometry = tuple(
+        dataclasses.replace(g, nonzero_fraction=round(float(f), 4))
+        for g, f in zip(geometry, nonzero, strict=True)
+    )
     ml_per_voxel = np.array([np.prod(g.spacing) / 1000.0 for g in geometry])
     label_stats = tuple(
         _label_stats(value, dataset.labels[value], counts[:, j], ml_per_voxel)
@@ -214,6 +231,18 @@ def case_geometry(case: Case) -> CaseGeometry:
     """RAS shape and spacing of a case's first image, from its header when possible."""
     shape, affine = read_geometry(case.images[0])
     return CaseGeometry(case.name, ras_shape(shape, affine), ras_spacing(affine))
+
+
+def nonzero_fraction(image: np.ndarray) -> float:
+    """Voxels of the bounding box of `image`'s nonzero voxels (any channel) over all its voxels.
+
+    Args:
+        image: (C, X, Y, Z); an all-zero image gives 0.
+    """
+    if not image.any():
+        return 0.0
+    start, end = generate_spatial_bounding_box(image, select_fn=lambda x: x != 0)
+    return float(np.prod(np.subtract(end, start)) / np.prod(image.shape[1:]))
 
 
 def load_case(dataset: Dataset, case: Case) -> tuple[Volume, LabelMap | None]:

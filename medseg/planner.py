@@ -11,16 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medseg.config import (
-    DEVICES,
     AugmentConfig,
     Config,
     ConfigError,
@@ -34,7 +31,8 @@ from medseg.config import (
 )
 from medseg.datasets import load_dataset
 from medseg.fingerprint import Fingerprint, compute_fingerprint, save_fingerprint
-from medseg.preprocessing_plan import channel_scheme
+from medseg.memory_model import MemoryBudget, cache_gib, estimate_memory_gib, memory_budget
+from medseg.preprocessing_plan import channel_scheme, network_axes
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,10 @@ MIN_FEATURE_MAP = 4
 MIN_PATCH = 4 * MIN_FEATURE_MAP
 """Smallest patch edge: room for two 2x poolings down to a 4-voxel map."""
 MIN_3D_SLICES = MIN_PATCH
-"""Fewer median (resampled) axial slices than this plans a 2D network."""
+"""An axis of fewer median (resampled) voxels than this plans a 2D network sliced along it."""
+NONZERO_MASK_FRACTION = 0.75
+"""z-score over the nonzero region when the median case's nonzero bounding box holds less than
+3/4 of the image (nnU-Net's `median_relative_size_after_cropping < 3/4`)."""
 MAX_LEVELS = {2: 7, 3: 6}
 """U-Net levels at most (6 = 5 poolings in 3D; 7 in 2D, as nnU-Net for 256-512 px slices)."""
 INITIAL_PATCH_VOXELS = {2: 2048**2, 3: 256**3}
@@ -84,33 +85,19 @@ the image give more updates per CPU-minute and vary the context. Hippocampus (me
 (docs/recipe.md). Larger images are already cut to small patches by the voxel cap."""
 CPU_MIN_BOTTLENECK = 3
 """Shrinking a patch to `CPU_MAX_IMAGE_FRACTION` keeps >= 3 voxels per axis at the lowest level."""
-CPU_MEMORY_FRACTION = 0.25
-"""Default CPU budget: a quarter of system RAM (the rest holds the cached dataset and others)."""
-GIB = 2**30
-
-# Memory model, calibrated once with `nice -n 19 python scripts/calibrate_memory.py` (torch
-# 2.13 CPU): two training steps of medseg's DynUNet (DiceCE, AdamW, fp32) on 7 configurations
-# (3D 32^3 to 96x96x64, anisotropic strides, 2D 256^2, 2 to 118 classes, batch 1 to 4); the
-# peak RSS increase less gradients and AdamW moments fits 4 bytes x batch x (13.9 x
-# sum over levels of filters x voxels + 5.2 x classes x patch voxels). With the rounded
-# factors below, every configuration of 0.4 GiB or more is within 13% (the 0.12 GiB one is 36%
-# under; OVERHEAD_GIB absorbs that). A hippocampus run (patch 32x48x32, batch 4) peaked
-# at 1.0 GB with its cached dataset and validation; this model gives 0.75 GiB for training.
-FEATURE_FACTOR = 14.0
-OUTPUT_FACTOR = 5.5
-BYTES_PER_ELEMENT = {"cpu": 4, "cuda": 2}
-"""fp32 activations on CPU; fp16 under AMP on CUDA (an approximation: norms keep fp32)."""
-OVERHEAD_GIB = {"cpu": 0.5, "cuda": 1.0}
-"""Memory besides the network's: the Python/torch/MONAI process on CPU (0.35 GiB measured with
-the model code imported; training imports more), the CUDA context and cuDNN workspace on GPU
-(assumed, not measured: no GPU was available for the calibration)."""
-BYTES_PER_PARAMETER = 16
-"""fp32 weight, gradient and AdamW's two moments."""
+GPU_MAX_PATCH_VOXELS = 160**3
+"""On GPU the patch is also capped in voxels, as on CPU. nnU-Net v2's plans for its 8 GB target
+rarely exceed about 128^3 to 160^3 voxels in 3D; medseg's network has half of nnU-Net's filters,
+so the same budget fits a larger patch, and the cap at the top of that range (4.1 M voxels)
+keeps plans where nnU-Net's rules were tuned. A larger `--memory-gb` then buys batch size, not
+an ever larger patch."""
 
 PLANNED_KEYS = (
     "data.root",
     "data.spacing",
     "data.normalization",
+    "data.nonzero_mask",
+    "data.cache",
     "model.name",
     "model.spatial_dims",
     "model.filters",
@@ -131,52 +118,6 @@ DIRECTION_WORDS = {
     2: {"superior", "inferior", "upper", "lower", "cranial", "caudal"},
 }
 """Label-name words tied to one RAS axis; mirroring along that axis would contradict them."""
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    """The memory a training run may use.
-
-    Attributes:
-        device: "cpu" or "cuda" (resolved, never "auto").
-        gigabytes: the budget in GiB (2^30 bytes).
-        source: where the number came from, for the summary.
-    """
-
-    device: str
-    gigabytes: float
-    source: str
-
-
-def memory_budget(memory_gb: float | None = None, device: str = "auto") -> MemoryBudget:
-    """The training memory budget: `memory_gb`, else the GPU's memory or a share of system RAM.
-
-    Args:
-        memory_gb: budget in GiB; None = all of the GPU's memory on CUDA, else
-            `CPU_MEMORY_FRACTION` of system RAM.
-        device: auto (CUDA when available), cpu or cuda.
-
-    Raises:
-        ConfigError: unknown device, cuda without a GPU, or a non-positive budget.
-    """
-    import torch
-
-    if device not in DEVICES:
-        raise ConfigError(f"--device must be one of {sorted(DEVICES)}, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is available; use --device cpu or auto")
-    if memory_gb is not None and not memory_gb > 0:
-        raise ConfigError(f"--memory-gb must be > 0, got {memory_gb}")
-    resolved = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    if memory_gb is not None:
-        return MemoryBudget(resolved, float(memory_gb), "--memory-gb")
-    if resolved == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory / GIB
-        return MemoryBudget(resolved, total, "GPU total memory")
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return MemoryBudget(
-        resolved, ram * CPU_MEMORY_FRACTION, f"{CPU_MEMORY_FRACTION:.0%} of {ram:.0f} GiB RAM"
-    )
 
 
 def plan_dataset(
@@ -215,29 +156,46 @@ def plan_dataset(
 def plan_config(fingerprint: Fingerprint, budget: MemoryBudget) -> Config:
     """The planned config for a fingerprint (pure: no file access)."""
     spacing = target_spacing(fingerprint.spacings)
-    median = resampled_median_shape(fingerprint, spacing)
-    dims = choose_spatial_dims(median)
-    model = fit_network(
-        median[:dims], spacing[:dims], len(fingerprint.channels), len(fingerprint.labels), budget
-    )
-    batch = fit_batch(model, fingerprint, spacing, budget)
-    anisotropic = is_anisotropic(spacing)
+    slice_axis = choose_slice_axis(resampled_median_shape(fingerprint, spacing))
+    shapes = resampled_shapes(fingerprint, spacing, slice_axis)
+    axes = network_axes(slice_axis)
+    median, in_plane = np.median(shapes, axis=0)[list(axes)], tuple(spacing[a] for a in axes)
+    n_channels, n_classes = len(fingerprint.channels), len(fingerprint.labels)
+    model = fit_network(median, in_plane, n_channels, n_classes, budget)
+    if slice_axis is not None:
+        model = dataclasses.replace(model, slice_axis=slice_axis)
+    thick_3d_slices = is_anisotropic(spacing) and slice_axis is None
     augment = AugmentConfig(
         # mirroring slows convergence: measured -0.018 Dice after 10 epochs (docs/recipe.md),
         # more than a CPU budget can make up; GPU plans mirror as nnU-Net does
-        flip_axes=flip_axes(fingerprint.labels.values(), dims) if budget.device == "cuda" else (),
+        flip_axes=flip_axes(fingerprint.labels.values(), axes) if budget.device == "cuda" else (),
         # out-of-plane rotation of thick slices interpolates across them; nnU-Net rotates
         # anisotropic data in-plane only, which AugmentConfig cannot express, so none
-        rotate_degrees=0.0 if anisotropic and dims == 3 else AugmentConfig.rotate_degrees,
+        rotate_degrees=0.0 if thick_3d_slices else AugmentConfig.rotate_degrees,
     )
     train = TrainConfig(
         folds=cross_validation_folds(len(fingerprint.cases)),
-        batch_size=batch,
+        batch_size=fit_batch(model, n_channels, n_classes, float(shapes.prod(1).sum()), budget),
         foreground_fraction=foreground_fraction(fingerprint, model, spacing),
         augment=augment,
     )
-    data = DataConfig(root=Path(fingerprint.dataset), spacing=spacing, normalization="auto")
+    cache = cache_gib(shapes, n_channels, n_classes)
+    data = DataConfig(
+        root=Path(fingerprint.dataset),
+        spacing=spacing,
+        normalization="auto",
+        nonzero_mask=uses_nonzero_mask(fingerprint),
+        cache="memory" if cache <= budget.cache_gigabytes else "disk",
+    )
     return Config(data=data, model=model, train=train)
+
+
+def uses_nonzero_mask(fingerprint: Fingerprint) -> bool:
+    """Whether z-scored channels should be normalised over the nonzero region only: when some
+    channel is z-scored and the median case's nonzero box is under `NONZERO_MASK_FRACTION`."""
+    zscored = any(channel_scheme(c, "auto") == "zscore" for c in fingerprint.channels)
+    fractions = [c.nonzero_fraction for c in fingerprint.cases]
+    return zscored and float(np.median(fractions)) < NONZERO_MASK_FRACTION
 
 
 def cross_validation_folds(n_cases: int) -> int:
@@ -272,19 +230,32 @@ def target_spacing(spacings: np.ndarray) -> tuple[float, float, float]:
 
 def resampled_median_shape(fingerprint: Fingerprint, spacing: tuple[float, ...]) -> np.ndarray:
     """Median shape (x, y, z) over cases after resampling to `spacing`, in (fractional) voxels."""
-    sizes_mm = fingerprint.shapes * fingerprint.spacings
+    return np.median(resampled_shapes(fingerprint, spacing), axis=0)
+
+
+def resampled_shapes(
+    fingerprint: Fingerprint, spacing: tuple[float, ...], keep_axis: int | None = None
+) -> np.ndarray:
+    """(N, 3) per-case shapes after resampling to `spacing`, in (fractional) voxels; the axis
+    `keep_axis` (a 2D plan's slice axis) keeps each case's own spacing."""
+    target = np.broadcast_to(np.asarray(spacing, dtype=np.float64), fingerprint.spacings.shape)
+    if keep_axis is not None:
+        target = target.copy()
+        target[:, keep_axis] = fingerprint.spacings[:, keep_axis]
     # rounded: header spacings such as 0.9999999 mm must not turn 16 slices into 15.99
-    return np.round(np.median(sizes_mm / np.asarray(spacing), axis=0), 3)
+    return np.round(fingerprint.shapes * fingerprint.spacings / target, 3)
 
 
-def choose_spatial_dims(median_shape: np.ndarray) -> int:
-    """3D, unless the median image has fewer than `MIN_3D_SLICES` axial slices (z).
+def choose_slice_axis(median_shape: np.ndarray) -> int | None:
+    """None (3D), or the axis a 2D network slices along: the thinnest axis of the median image
+    when it has fewer than `MIN_3D_SLICES` voxels (z on a tie).
 
     A 3D patch needs >= 16 voxels along an axis to pool it twice down to a 4-voxel feature map;
-    thinner stacks are segmented slice by slice (medseg's 2D networks run on axial x-y slices).
-    Thin x or y extents (rare) keep 3D and are padded to 16.
+    thinner images are segmented slice by slice along that axis (nnU-Net slices along its first
+    axis after transposing, the coarsest one), so a single coronal slice is not padded to 16.
     """
-    return 2 if median_shape[2] < MIN_3D_SLICES else 3
+    thinnest = 2 - int(np.argmin(median_shape[::-1]))  # argmin from z backwards: ties go to z
+    return thinnest if median_shape[thinnest] < MIN_3D_SLICES else None
 
 
 def pool_strides(patch: tuple[int, ...], spacing: tuple[float, ...]) -> list[list[int]]:
@@ -360,19 +331,22 @@ def fit_network(
 ) -> ModelConfig:
     """The largest network, from the median shape down, whose batch of `MIN_BATCH` fits the budget.
 
-    On CPU the patch must also hold at most `CPU_MAX_PATCH_VOXELS`. While either fails, the
-    axis with the largest patch-to-median ratio shrinks by its downsampling factor and the
-    strides are re-planned (nnU-Net v2). A CPU plan for small 3D images then shrinks the patch
-    further (`shrink_to_image_fraction`).
+    The patch must also hold at most `CPU_MAX_PATCH_VOXELS` on CPU, `GPU_MAX_PATCH_VOXELS` on
+    GPU. While either fails, the axis with the largest patch-to-median ratio shrinks by its
+    downsampling factor and the strides are re-planned (nnU-Net v2). A CPU plan for small 3D
+    images then shrinks the patch further (`shrink_to_image_fraction`).
 
     Raises:
         ConfigError: even the smallest patch (16 voxels per axis) does not fit.
     """
     cpu = budget.device == "cpu"
+    max_voxels = CPU_MAX_PATCH_VOXELS if cpu else GPU_MAX_PATCH_VOXELS
     model = network_for(initial_patch(median_shape, spacing), spacing, cpu, n_classes)
-    while estimate_memory_gib(model, in_channels, n_classes, MIN_BATCH, budget.device) > (
-        budget.gigabytes
-    ) or (cpu and math.prod(model.patch_size) > CPU_MAX_PATCH_VOXELS):
+    while (
+        estimate_memory_gib(model, in_channels, n_classes, MIN_BATCH, budget.device)
+        > budget.gigabytes
+        or math.prod(model.patch_size) > max_voxels
+    ):
         patch = np.array(model.patch_size)
         factors = np.array(downsampling_factors(model))
         axis = _axis_to_shrink(patch, factors, median_shape, np.full_like(patch, MIN_PATCH))
@@ -416,75 +390,39 @@ def _axis_to_shrink(
 
 
 def fit_batch(
-    model: ModelConfig, fingerprint: Fingerprint, spacing: tuple[float, ...], budget: MemoryBudget
+    model: ModelConfig, in_channels: int, n_classes: int, total_voxels: float, budget: MemoryBudget
 ) -> int:
     """Largest batch that fits the budget, >= 2, covering <= 5% of the dataset's voxels.
 
     On CPU it is also capped at `CPU_MAX_BATCH` (measured slower per volume above).
+
+    Args:
+        total_voxels: the dataset's voxels after resampling.
     """
-    in_channels, n_classes = len(fingerprint.channels), len(fingerprint.labels)
     fixed = estimate_memory_gib(model, in_channels, n_classes, 0, budget.device)
     per_sample = estimate_memory_gib(model, in_channels, n_classes, 1, budget.device) - fixed
     batch = int((budget.gigabytes - fixed) // per_sample)
-    total_voxels = float(np.sum(np.prod(fingerprint.shapes * fingerprint.spacings / spacing, 1)))
     batch = min(batch, int(DATASET_BATCH_FRACTION * total_voxels // math.prod(model.patch_size)))
     if budget.device == "cpu":
         batch = min(batch, CPU_MAX_BATCH[model.spatial_dims])
     return max(MIN_BATCH, batch)
 
 
-def estimate_memory_gib(
-    model: ModelConfig, in_channels: int, n_classes: int, batch: int, device: str
-) -> float:
-    """Estimated peak training memory in GiB: activations, parameters with AdamW state, overhead.
-
-    See the calibration note at `FEATURE_FACTOR`; ``device`` is "cpu" (fp32) or "cuda" (AMP).
-    """
-    features, outputs = activation_elements(model, n_classes)
-    activations = FEATURE_FACTOR * features + OUTPUT_FACTOR * outputs
-    total = batch * BYTES_PER_ELEMENT[device] * activations
-    total += BYTES_PER_PARAMETER * parameter_count(model, in_channels, n_classes)
-    return total / GIB + OVERHEAD_GIB[device]
-
-
-def activation_elements(model: ModelConfig, n_classes: int) -> tuple[int, int]:
-    """Per sample: sum over levels of filters x voxels, and classes x the voxels of the outputs
-    the loss sees: the patch, plus each deep-supervision head at the full grid or its own."""
-    size = list(model.patch_size)
-    features, grids = 0, []
-    for filters, level in zip(model.filters, level_strides(model), strict=True):
-        size = [s // k for s, k in zip(size, level, strict=True)]
-        features += filters * math.prod(size)
-        grids.append(math.prod(size))
-    heads = grids[1 : 1 + model.deep_supervision]
-    if model.deep_supervision_grid == "full":
-        heads = [grids[0]] * len(heads)
-    return features, n_classes * (grids[0] + sum(heads))
-
-
-def parameter_count(model: ModelConfig, in_channels: int, n_classes: int) -> int:
-    """Approximate DynUNet parameters: two convolutions per encoder level, an up-convolution
-    and two convolutions (on the concatenated skip) per decoder level, a 1x1 output head."""
-    kernel = 3**model.spatial_dims
-    up = 2**model.spatial_dims
-    f = list(model.filters)
-    count = n_classes * f[0]
-    for level, filters in enumerate(f):
-        previous = in_channels if level == 0 else f[level - 1]
-        count += kernel * (previous * filters + filters * filters)
-        if level < len(f) - 1:
-            count += up * f[level + 1] * filters + kernel * 3 * filters * filters
-    return count
-
-
-def flip_axes(label_names: Iterable[str], spatial_dims: int) -> tuple[int, ...]:
+def flip_axes(label_names: Iterable[str], axes: Sequence[int]) -> tuple[int, ...]:
     """Mirror along every axis (nnU-Net) except those a label name is specific to.
 
     Mirroring x turns a left kidney into a right one; a label named for a side would then be
     taught on the wrong anatomy (TotalSegmentator trains without mirroring for this reason).
+
+    Args:
+        label_names: the dataset's label names.
+        axes: the RAS axis of each network input axis (`network_axes`).
+
+    Returns:
+        Network input axes (indices into `axes`), as `train.augment.flip_axes` takes them.
     """
     words = {w for name in label_names for w in re.split(r"[^a-z]+", name.lower())}
-    return tuple(a for a in range(spatial_dims) if not DIRECTION_WORDS[a] & words)
+    return tuple(i for i, a in enumerate(axes) if not DIRECTION_WORDS[a] & words)
 
 
 def foreground_fraction(
@@ -533,35 +471,71 @@ def write_planned_config(
 def planned_keys(cfg: Config) -> list[str]:
     """The dotted config keys the planner decides (the rest stay at their defaults)."""
     keys = [*PLANNED_KEYS]
+    keys += ["model.slice_axis"] if cfg.model.spatial_dims == 2 else []
     keys += [f"{section}.device" for section in ("train", "infer") if cfg.train.device != "auto"]
     return keys
 
 
 def summary(cfg: Config, fingerprint: Fingerprint, budget: MemoryBudget) -> str:
-    """A few human-readable lines: spacing, 2D/3D, patch, batch, levels, normalisation."""
+    """A few human-readable lines: spacing, 2D/3D, patch, batch, levels, normalisation, cache."""
     m, t = cfg.model, cfg.train
-    norms = [f"{c}: {channel_scheme(c, cfg.data.normalization)}" for c in fingerprint.channels]
     memory = estimate_memory_gib(
         m, len(fingerprint.channels), len(fingerprint.labels), t.batch_size, budget.device
     )
-    spacing = cfg.data.spacing or ()
     return "\n".join(
         [
             f"dataset        {fingerprint.dataset}: {len(fingerprint.cases)} case(s), "
             f"{len(fingerprint.channels)} channel(s), {len(fingerprint.labels) - 1} label(s)",
-            f"spacing        {' x '.join(f'{s:g}' for s in spacing)} mm"
-            + (" (anisotropic)" if is_anisotropic(spacing) else ""),
-            f"network        {m.spatial_dims}D U-Net, {len(m.filters)} levels, "
+            f"spacing        {_spacing_line(cfg)}",
+            f"network        {m.spatial_dims}D U-Net{_slices(m)}, {len(m.filters)} levels, "
             f"filters {list(m.filters)}",
             f"strides        {[list(level) for level in level_strides(m)]}",
             f"patch          {' x '.join(str(p) for p in m.patch_size)}",
             f"batch          {t.batch_size} (~{memory:.1f} of {budget.gigabytes:.1f} GiB on "
             f"{budget.device}; budget: {budget.source})",
-            f"normalisation  {', '.join(norms)}",
+            f"normalisation  {_normalisation_line(cfg, fingerprint)}",
             f"augmentation   flips on axes {list(t.augment.flip_axes)}, rotation "
             f"{t.augment.rotate_degrees:g} deg, foreground fraction {t.foreground_fraction}",
+            f"cache          {_cache_line(cfg, fingerprint, budget)}",
         ]
     )
+
+
+def _spacing_line(cfg: Config) -> str:
+    spacing, m = cfg.data.spacing or (), cfg.model
+    parts = [
+        "own" if m.spatial_dims == 2 and a == m.slice_axis else f"{s:g}"
+        for a, s in enumerate(spacing)
+    ]
+    anisotropic = " (anisotropic)" if spacing and is_anisotropic(spacing) else ""
+    return f"{' x '.join(parts)} mm{anisotropic}"
+
+
+def _slices(model: ModelConfig) -> str:
+    names = {0: "sagittal", 1: "coronal", 2: "axial"}
+    return f" on {names[model.slice_axis]} slices" if model.spatial_dims == 2 else ""
+
+
+def _normalisation_line(cfg: Config, fingerprint: Fingerprint) -> str:
+    schemes = [(c, channel_scheme(c, cfg.data.normalization)) for c in fingerprint.channels]
+    masked = " over the nonzero region" if cfg.data.nonzero_mask else ""
+    return ", ".join(f"{c}: {s}{masked if s == 'zscore' else ''}" for c, s in schemes)
+
+
+def _cache_line(cfg: Config, fingerprint: Fingerprint, budget: MemoryBudget) -> str:
+    """Where the preprocessed cases are kept and why, e.g. "disk in the run folder's cache/
+    (estimated 73.2 > 12 GiB of RAM for it)"."""
+    spacing = cfg.data.spacing or fingerprint.median_spacing
+    keep = cfg.model.slice_axis if cfg.model.spatial_dims == 2 else None
+    shapes = resampled_shapes(fingerprint, spacing, keep)
+    size = cache_gib(shapes, len(fingerprint.channels), len(fingerprint.labels))
+    folder = cfg.data.cache_dir or "the run folder's cache"
+    where = f"disk in {folder}/" if cfg.data.cache == "disk" else cfg.data.cache
+    ram = budget.cache_gigabytes
+    if ram == math.inf:
+        return f"{where} (estimated {size:.3g} GiB)"
+    fits = f"{size:.3g} of {ram:.3g}" if size <= ram else f"{size:.3g} > {ram:.3g}"
+    return f"{where} (estimated {fits} GiB of RAM for it)"
 
 
 def _with_device(cfg: Config, device: str) -> Config:

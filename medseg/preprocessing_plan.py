@@ -1,4 +1,4 @@
-"""The preprocessing plan a run needs: target spacing and per-channel normalisation.
+"""The preprocessing plan a run needs: target spacing, slice axis and per-channel normalisation.
 
 A `Plan` is computed once from the training cases and saved in the run folder, so that
 prediction preprocesses new scans exactly as the training data was.
@@ -30,6 +30,8 @@ class ChannelNorm:
         scheme: "zscore" (per image), "ct" (clip to dataset foreground percentiles, then
             subtract the dataset foreground mean and divide by its std) or "none".
         lower, upper, mean, std: dataset statistics used by the "ct" scheme.
+        nonzero_mask: "zscore" only: mean and std of the image's nonzero region, and 0 outside
+            it (`data.nonzero_mask`; False in plans written before it existed).
     """
 
     scheme: str
@@ -37,6 +39,7 @@ class ChannelNorm:
     upper: float = 0.0
     mean: float = 0.0
     std: float = 1.0
+    nonzero_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class Plan:
         labels: label value -> name, background included.
         normalization: one `ChannelNorm` per channel.
         layout: dataset layout the model was trained on ("msd" or "nnunet").
+        slice_axis: 2D models: the RAS axis they slice along, which keeps each case's own
+            spacing (its `spacing` entry is not used) and is moved last by the reorientation.
+            None: 3D models, and 2D runs made before it existed (resampled along all three
+            axes, sliced along z).
     """
 
     spacing: tuple[float, float, float]
@@ -56,6 +63,20 @@ class Plan:
     labels: dict[int, str]
     normalization: tuple[ChannelNorm, ...]
     layout: str = "msd"
+    slice_axis: int | None = None
+
+    @property
+    def target_spacing(self) -> tuple[float | None, ...]:
+        """Per RAS axis, the spacing cases are resampled to; None where each keeps its own."""
+        return tuple(None if a == self.slice_axis else s for a, s in enumerate(self.spacing))
+
+    @property
+    def array_axes(self) -> tuple[int, ...]:
+        """The RAS axis of each axis of a preprocessed array: 2D plans put their slice axis
+        last (coronal slices: x, z, y), so slice-wise code always slices along the last axis."""
+        if self.slice_axis is None:
+            return (0, 1, 2)
+        return (*network_axes(self.slice_axis), self.slice_axis)
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for JSON (label keys as strings)."""
@@ -72,7 +93,14 @@ class Plan:
             labels={int(k): str(v) for k, v in raw["labels"].items()},
             normalization=tuple(ChannelNorm(**n) for n in raw["normalization"]),
             layout=raw.get("layout", "msd"),
+            slice_axis=raw.get("slice_axis"),
         )
+
+
+def network_axes(slice_axis: int | None) -> tuple[int, ...]:
+    """The RAS axes of a network's input in order: all three in 3D (`slice_axis` None), else
+    the two in-plane axes of the slices."""
+    return tuple(a for a in range(3) if a != slice_axis)
 
 
 def make_plan(dataset: Dataset, cfg: Config) -> Plan:
@@ -83,9 +111,21 @@ def make_plan(dataset: Dataset, cfg: Config) -> Plan:
     ct_channels = [i for i, s in enumerate(schemes) if s == "ct"]
     if ct_channels:
         stats = foreground_statistics(dataset, ct_channels)
-    norms = tuple(stats.get(i, ChannelNorm(scheme)) for i, scheme in enumerate(schemes))
-    plan = Plan(tuple(spacing), dataset.channels, dict(dataset.labels), norms, dataset.layout)
-    log.info("plan: spacing %s, normalisation %s", plan.spacing, [n.scheme for n in norms])
+    masked = cfg.data.nonzero_mask
+    norms = tuple(
+        stats.get(i, ChannelNorm(scheme, nonzero_mask=masked and scheme == "zscore"))
+        for i, scheme in enumerate(schemes)
+    )
+    slice_axis = cfg.model.slice_axis if cfg.model.spatial_dims == 2 else None
+    plan = Plan(
+        tuple(spacing), dataset.channels, dict(dataset.labels), norms, dataset.layout, slice_axis
+    )
+    log.info(
+        "plan: spacing %s, normalisation %s%s",
+        plan.target_spacing,
+        [n.scheme + " (nonzero region)" * n.nonzero_mask for n in norms],
+        "" if slice_axis is None else f", slices along RAS axis {slice_axis}",
+    )
     return plan
 
 

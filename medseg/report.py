@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg import __version__
-from medseg.evaluation import EvaluationError, format_table
+from medseg.evaluation import EvaluationError, empty_rule_note, format_table
 from medseg.export.labels import describe_label
 from medseg.export.qc import (
     PANEL_INCHES,
@@ -117,8 +117,7 @@ def report_html(
         _table([], [[name, str(Path(p).resolve())] for name, p in folders], "folders"),
         "<h2>Mean per label</h2>",
         _table(header, rows, "metrics"),
-        '<p class="note">Dice and IoU skip cases where a label is absent from both sides; '
-        "HD95 (mm) also skips cases where exactly one side is empty.</p>",
+        f'<p class="note">{_e(empty_rule_note(results["empty"]))}</p>',
         "<h2>Dice per case</h2>",
         _img(dice_figure(results, names), "Per-case Dice of every label"),
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 from medseg.config import Config, ConfigError, load_config
 from medseg.io import atomic_path
 from medseg.preprocessing_plan import Plan, load_plan
+
+log = logging.getLogger(__name__)
 
 CONFIG, PLAN, LABELS, INFO = "config.yaml", "plan.json", "labels.json", "run.json"
 METRICS, CURVE, LOG = "metrics.csv", "training_curve.png", "train.log"
@@ -105,18 +108,31 @@ def fold_dirs(model_dir: Path) -> list[Path]:
     return sorted(folds, key=lambda p: int(p.name[len(FOLD_PREFIX) :]))
 
 
-def load_run(run_dir: Path, device: torch.device | str = "cpu") -> Run:
+def load_run(
+    run_dir: Path, device: torch.device | str = "cpu", allow_unfinished: bool = False
+) -> Run:
     """Load a model folder: a single run folder, or an ensemble folder of ``fold_K`` runs.
 
     The folds of an ensemble must share the network, the spacing, the channels and labels
     and the normalisation schemes (CT statistics may differ: each fold applies its own).
     ``postprocessing.json`` in the model folder lists labels to reduce to their largest
     component.
+
+    Args:
+        run_dir: the run or ensemble folder.
+        device: where the networks go.
+        allow_unfinished: load a run whose training did not finish (its ``last.pt``), or an
+            ensemble with unfinished or missing folds, with a warning; refused otherwise.
+
+    Raises:
+        RunError: a missing or incomplete folder, unsafe or mismatched weights, or an
+            unfinished run without `allow_unfinished`.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: model folder not found")
     folds = fold_dirs(run_dir) if not (run_dir / CONFIG).is_file() else []
+    _check_finished(run_dir, folds, allow_unfinished)
     members = tuple(_load_single(d, device) for d in folds)
     run = members[0] if members else _load_single(run_dir, device)
     for member in members[1:]:
@@ -135,6 +151,39 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> Run:
         members if len(members) > 1 else (),
         largest,
     )
+
+
+def unfinished(run_dir: Path, folds: list[Path]) -> str | None:
+    """What is unfinished about a model folder (None when nothing is): a run without final
+    weights, or an ensemble with a fold folder without them or, when it was trained with
+    ``--folds all`` (``ensemble.yaml``), a fold of its ``train.folds`` not started at all."""
+    finished = {d for d in folds or [run_dir] if any((d / n).is_file() for n in (MODEL, BEST))}
+    if not folds:  # without any weights, loading says so
+        started = (run_dir / LAST).is_file()
+        return "its training did not finish (only last.pt)" if started and not finished else None
+    indices = {int(d.name[len(FOLD_PREFIX) :]): d for d in folds}
+    expected = set(indices)
+    if (run_dir / ENSEMBLE_CONFIG).is_file():
+        try:
+            expected |= set(range(load_config(run_dir / ENSEMBLE_CONFIG).train.folds))
+        except ConfigError as err:
+            raise RunError(f"{run_dir / ENSEMBLE_CONFIG}: {err}") from None
+    missing = sorted(k for k in expected if k not in indices or indices[k] not in finished)
+    if not missing:
+        return None
+    return f"fold(s) {', '.join(map(str, missing))} of {len(expected)} did not finish training"
+
+
+def _check_finished(run_dir: Path, folds: list[Path], allow: bool) -> None:
+    problem = unfinished(run_dir, folds)
+    if problem is None:
+        return
+    if not allow:
+        raise RunError(
+            f"{run_dir}: {problem}; finish it with 'medseg train --run-dir {run_dir} --resume' "
+            "(add --folds all for an ensemble), or pass --allow-unfinished to predict with it"
+        )
+    log.warning("%s: %s; predicting with it anyway (--allow-unfinished)", run_dir, problem)
 
 
 def _check_compatible(first: Run, other: Run) -> None:

@@ -28,13 +28,13 @@ from monai.utils import set_determinism
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, RandomSampler
 
-from medseg import __version__, runs
+from medseg import __version__, datasets, runs
 from medseg import config as config_mod
 from medseg.config import Config, ConfigError
 from medseg.datasets import Case, DatasetError, load_dataset
 from medseg.evaluation import confusion, dice
 from medseg.inference import configured_window, resolve_device, sliding_window_probabilities
-from medseg.io import atomic_path
+from medseg.io import atomic_path, image_suffix, is_image_file, strip_suffix
 from medseg.losses import build_loss
 from medseg.models import build_model, run_network
 from medseg.preprocessing_plan import Plan, make_plan, save_plan
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 GRAD_CLIP = 12.0
 CROSSVAL = "crossval"
+CACHE = "cache"
+"""The disk cache's folder in a run (or ensemble) folder when ``data.cache_dir`` is null."""
 FINAL_VALIDATION_OVERHEAD_S = 15.0  # loading the run, writing masks, computing HD95
 MIN_TRAIN_SECONDS = 10.0  # a budget leaving less than this for training is refused
 VALIDATION_MARGIN = 2.0
@@ -61,6 +63,10 @@ IN_LOOP_VALIDATION_SHARE = 0.1
 """Under a time budget, an in-loop validation pass estimated to cost more than this share of the
 training budget is skipped (on BraTS-sized volumes one pass cost as much as all the training):
 it only reports progress; the final validation scores the model either way."""
+IN_LOOP_DICE = "val_pooled_dice"
+"""Prefix of the in-loop validation columns: Dice of the voxel counts summed over the validation
+cases on the resampled grid (cheap; the final validation's per-case mean on the original grids
+is what `validation/metrics.json` reports)."""
 WARM_UP_MATTERS_S = 10.0
 """A first validation pass shorter than this is repeated for the estimate: for small volumes the
 one-off allocation costs of the first pass would dominate it."""
@@ -184,7 +190,14 @@ def train_folds(
         if (fold_dir / runs.MODEL).is_file():
             log.info("fold %d already trained, skipped", fold)
             continue
-        fold_cfg = config_mod.replace(cfg, **{"train.fold": fold, "train.max_minutes": per_fold})
+        fold_cfg = config_mod.replace(
+            cfg,
+            **{
+                "train.fold": fold,
+                "train.max_minutes": per_fold,
+                "data.cache_dir": cfg.data.cache_dir or run_dir / CACHE,  # the folds share it
+            },
+        )
         train(fold_cfg, fold_dir, resume and (fold_dir / runs.LAST).is_file(), progress)
     _pool_cross_validation(run_dir, fold_dirs)
     return run_dir
@@ -198,13 +211,10 @@ def _pool_cross_validation(run_dir: Path, fold_dirs: list[Path]) -> None:
     (pooled / "reference").mkdir(parents=True, exist_ok=True)
     for fold_dir in fold_dirs:
         validation = fold_dir / runs.VALIDATION
-        for pred in validation.glob("*.nii.gz"):
-            for link, target in (
-                (pooled / pred.name, pred),
-                (pooled / "reference" / pred.name, validation / "reference" / pred.name),
-            ):
-                link.unlink(missing_ok=True)
-                link.symlink_to(target.resolve())
+        references = _case_files(validation / "reference")
+        predictions = _case_files(validation)
+        _link_cases(pooled, predictions)
+        _link_cases(pooled / "reference", {case: references[case] for case in predictions})
     labels = runs.load_plan(fold_dirs[0] / runs.PLAN).labels
     results = evaluate_folders(pooled, pooled / "reference", labels)
     write_results(results, pooled / "metrics.json")
@@ -240,9 +250,8 @@ def _resume_config(run_dir: Path) -> Config:
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
     start = time.perf_counter()
-    dataset = load_dataset(cfg.data.root)  # type: ignore[arg-type]
-    if not resume:
-        _check(dataset, progress)
+    root = Path(cfg.data.root)  # type: ignore[arg-type]
+    dataset = load_dataset(root) if resume else _checked_dataset(root, progress)
     split = kfold_split(
         [c.name for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.split_seed
     )
@@ -267,7 +276,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> Path:
     device = resolve_device(cfg.train.device)
     set_determinism(seed=cfg.train.seed)
     with unwrapped_errors():
-        trainer = _Trainer(cfg, plan, device, train_cases, val_cases)
+        cache_dir = cfg.data.cache_dir or run_dir / CACHE
+        trainer = _Trainer(cfg, plan, device, train_cases, val_cases, cache_dir)
         if resume:
             trainer.restore(runs.load_checkpoint(run_dir / runs.LAST))
         elif cfg.train.max_minutes is not None:
@@ -317,6 +327,19 @@ def in_loop_validation_fits(cost: float | None, budget: float | None, elapsed: f
     return cost <= IN_LOOP_VALIDATION_SHARE * budget and cost <= budget - elapsed
 
 
+def resampled_voxels(case: Case, spacing: tuple[float | None, ...]) -> float:
+    """Voxels of a case once resampled to `spacing` (RAS mm; an axis without a positive
+    target keeps its own spacing), from its header."""
+    from medseg.fingerprint import case_geometry
+
+    geometry = case_geometry(case)
+    sizes = [
+        n * (s / t if t is not None and t > 0 else 1.0)
+        for n, s, t in zip(geometry.shape, geometry.spacing, spacing, strict=True)
+    ]
+    return float(np.prod(sizes))
+
+
 def _record_session(run_dir: Path, seconds: float, device: torch.device) -> None:
     """Record this training session in run.json: add its wall time (data loading to final
     validation) and name the machine it ran on (timings mean little without it; a resumed run
@@ -347,18 +370,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _check(dataset: Any, progress: bool) -> None:
-    """Refuse to train on a dataset with problems; list them (as `medseg check` does)."""
-    from medseg.check import check_cases
+def _checked_dataset(root: Path, progress: bool) -> datasets.Dataset:
+    """The dataset, refused with its problems listed when it has any (as `medseg check`)."""
+    from medseg.check import check_dataset
 
-    problems = check_cases(dataset, dataset.cases, progress)
+    dataset, problems = check_dataset(root, progress)
+    if dataset is None:
+        raise DatasetError(problems[0].message)
     if problems:
         listed = "; ".join(str(p) for p in problems[:3])
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise DatasetError(
-            f"{dataset.root}: {len(problems)} problem(s) found: {listed}{more}. "
-            f"Run 'medseg check {dataset.root}' for the full list."
+            f"{root}: {len(problems)} problem(s) found: {listed}{more}. "
+            f"Run 'medseg check {root}' for the full list."
         )
+    return dataset
 
 
 def _plan(cfg: Config, dataset: Any, train_cases: list[Case], run_dir: Path, resume: bool) -> Plan:
@@ -401,6 +427,7 @@ class _Trainer:
         device: torch.device,
         train_cases: list[Case],
         val_cases: list[Case],
+        cache_dir: Path | None = None,
     ) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
         torch.manual_seed(cfg.train.seed)
@@ -427,8 +454,11 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         fixed, random = train_transforms(cfg, plan)
         self.random = random
-        self.train_ds = _cached(_items(train_cases), fixed, cfg.data.cache)
-        self.val_ds = _cached(_items(val_cases), val_transforms(plan), cfg.data.cache)
+        cache = cache_dir or Path(CACHE)
+        self.train_ds = _cached(_items(train_cases), fixed, cfg.data, plan, cache)
+        self.val_ds = _cached(_items(val_cases), val_transforms(plan), cfg.data, plan, cache)
+        self.val_voxels = [resampled_voxels(case, plan.spacing) for case in val_cases]
+        self.val_names = [case.name for case in val_cases]
         self.start_epoch, self.history = 0, []
         self.validation_seconds: float | None = None
         """Estimated wall time of one in-loop validation pass (None: not timed yet)."""
@@ -456,19 +486,27 @@ class _Trainer:
         )
 
     def time_validation_pass(self) -> float:
-        """Rough wall time of an in-loop validation pass: one case timed, times the number of
-        cases. Kept as `validation_seconds`, which decides whether in-loop passes fit a budget."""
-        if len(self.val_ds) == 0:
+        """Estimated wall time of an in-loop validation pass: the largest validation case (by
+        resampled voxels, from the headers) timed, scaled by the voxels of all of them. Kept as
+        `validation_seconds`, which decides whether in-loop passes fit a budget."""
+        if not self.val_voxels:
             return 0.0
-        seconds = self._time_one_validation()  # includes one-off allocation costs
+        largest = int(np.argmax(self.val_voxels))
+        seconds = self._time_validation(largest)  # includes one-off allocation costs
         if seconds < WARM_UP_MATTERS_S:  # small cases: those costs dominate; time a second pass
-            seconds = self._time_one_validation()
-        self.validation_seconds = len(self.val_ds) * seconds
+            seconds = self._time_validation(largest)
+        self.validation_seconds = seconds * sum(self.val_voxels) / self.val_voxels[largest]
+        log.info(
+            "validation: the largest of %d cases (%s) took %.1f s",
+            len(self.val_voxels),
+            self.val_names[largest],
+            seconds,
+        )
         return self.validation_seconds
 
-    def _time_one_validation(self) -> float:
+    def _time_validation(self, index: int) -> float:
         start = time.perf_counter()
-        self._validate(limit=1)
+        self._validate([index])
         return time.perf_counter() - start
 
     def fit(self, run_dir: Path, progress: bool) -> None:
@@ -573,21 +611,23 @@ class _Trainer:
         """The network that is validated and saved: the moving average if `train.ema` is on."""
         return self.net if self.ema is None else self.ema.module
 
-    def _validate(self, limit: int | None = None) -> dict[str, float]:
-        """Per-label Dice on the validation cases, in the preprocessed (resampled) space."""
+    def _validate(self, indices: list[int] | None = None) -> dict[str, float]:
+        """Per-label Dice pooled over the validation cases (or those at `indices`): voxel counts
+        summed over cases, in the preprocessed (resampled) space. Not the per-case mean on the
+        original grids that the final validation reports; named ``val_pooled_dice_*``."""
         self.weights().eval()
         labels = {v: n for v, n in self.plan.labels.items() if v != 0}
         counts = {v: np.zeros(3, np.int64) for v in labels}
         window = configured_window(self.cfg)
-        for index in range(len(self.val_ds) if limit is None else min(limit, len(self.val_ds))):
+        for index in range(len(self.val_ds)) if indices is None else indices:
             item = self.val_ds[index]
             probs = sliding_window_probabilities(self._predictor, item[IMAGE], window, self.device)
             pred = torch.argmax(probs, 0).numpy()
             ref = np.asarray(item[LABEL][0]).astype(np.int64)
             for v in labels:
                 counts[v] += confusion(ref, pred, v)
-        scores = {f"val_dice_{name}": dice(*counts[v]) for v, name in labels.items()}
-        scores["val_dice_mean"] = float(np.nanmean(list(scores.values())))
+        scores = {f"{IN_LOOP_DICE}_{name}": dice(*counts[v]) for v, name in labels.items()}
+        scores[f"{IN_LOOP_DICE}_mean"] = float(np.nanmean(list(scores.values())))
         return scores
 
     def _predictor(self, x: torch.Tensor) -> torch.Tensor:
@@ -627,9 +667,27 @@ class _Augmented(torch.utils.data.Dataset):
         return {IMAGE: plain_tensor(out[IMAGE]), LABEL: plain_tensor(out[LABEL]).long()}
 
 
-def _cached(items: list[dict[str, Any]], transform: Any, cache: bool) -> Any:
-    if cache:
+def _cached(
+    items: list[dict[str, Any]],
+    transform: Any,
+    data: config_mod.DataConfig,
+    plan: Plan,
+    cache_dir: Path,
+) -> Any:
+    """The items through the deterministic `transform`, kept where ``data.cache`` says: in
+    memory, on disk in `transforms.cache_folder` (read back with ``weights_only``: tensors and
+    plain data; MetaTensors are stored as plain tensors, which the random part and validation
+    take), or nowhere (preprocessed again at every use)."""
+    if data.cache == "memory":
         return CacheDataset(items, transform, cache_rate=1.0, num_workers=None, progress=False)
+    if data.cache == "disk":
+        from monai.data import PersistentDataset
+
+        from medseg.transforms import cache_folder, cache_key
+
+        folder = cache_folder(cache_dir, plan)
+        log.info("disk cache of the preprocessed cases: %s", folder)
+        return PersistentDataset(items, transform, folder, hash_func=cache_key, weights_only=True)
     return Dataset(items, transform)
 
 
@@ -719,10 +777,11 @@ def _plot_curve(history: list[dict[str, Any]], path: Path) -> None:
     ax.plot(epochs, [r["train_loss"] for r in history], label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    val = [(r["epoch"] + 1, r["val_dice_mean"]) for r in history if "val_dice_mean" in r]
+    val = [(r["epoch"] + 1, _in_loop_dice(r)) for r in history if _in_loop_dice(r) is not None]
     if val:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation Dice (mean)")
+        label = "validation Dice, pooled over cases (resampled grid)"
+        ax2.plot(*zip(*val, strict=True), "o-", color="tab:orange", label=label)
         ax2.set_ylabel("Dice")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="lower right")
@@ -732,6 +791,12 @@ def _plot_curve(history: list[dict[str, Any]], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def _in_loop_dice(row: dict[str, Any]) -> float | None:
+    """A history row's in-loop validation Dice (``val_dice_mean`` in runs before the rename)."""
+    value = row.get(f"{IN_LOOP_DICE}_mean", row.get("val_dice_mean"))
+    return None if value in (None, "") else float(value)
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -752,14 +817,11 @@ def _final_validation(
 
     run = runs.load_run(run_dir, device)
     out = run_dir / runs.VALIDATION
-    options = PredictOptions(overwrite=True, formats=("nifti",))
+    # raw predictions: post-processing is decided on them (and scored both ways) below
+    options = PredictOptions(overwrite=True, formats=("nifti",), postprocess=False)
     predict_cases(run, [(c.name, list(c.images)) for c in val_cases], out, options, progress)
     ref_dir = out / "reference"
-    ref_dir.mkdir(exist_ok=True)
-    for case in val_cases:
-        link = ref_dir / f"{case.name}.nii.gz"
-        link.unlink(missing_ok=True)
-        link.symlink_to(Path(case.label).resolve())  # type: ignore[arg-type]
+    _link_cases(ref_dir, {c.name: Path(c.label) for c in val_cases})  # type: ignore[arg-type]
     results = evaluate_folders(out, ref_dir, run.plan.labels)
     write_results(results, out / "metrics.json")
     _decide_postprocessing(out, run.plan.labels, run_dir)
@@ -784,9 +846,10 @@ def _decide_postprocessing(pred_dir: Path, labels: dict[int, str], run_dir: Path
     foreground = {v: n for v, n in labels.items() if v != 0}
     raw: dict[int, list[float]] = {v: [] for v in foreground}
     kept: dict[int, list[float]] = {v: [] for v in foreground}
-    for pred_path in sorted(pred_dir.glob("*.nii.gz")):
+    references = _case_files(pred_dir / "reference")
+    for case, pred_path in sorted(_case_files(pred_dir).items()):
         pred = load_labels(pred_path).array
-        ref = load_labels(pred_dir / "reference" / pred_path.name).array
+        ref = load_labels(references[case]).array
         for v in foreground:
             raw[v].append(dice(*confusion(ref, pred, v)))
             kept[v].append(dice(*confusion(ref, keep_largest_component(pred, [v]), v)))
@@ -801,6 +864,23 @@ def _decide_postprocessing(pred_dir: Path, labels: dict[int, str], run_dir: Path
         "post-processing: keep the largest component of %s",
         [foreground[v] for v in decision["largest_component"]] or "no label",
     )
+
+
+def _case_files(folder: Path) -> dict[str, Path]:
+    """Case name -> label-map file of a folder, whatever each file's image format."""
+    return {strip_suffix(p.name): p for p in sorted(folder.iterdir()) if is_image_file(p)}
+
+
+def _link_cases(folder: Path, files: dict[str, Path]) -> None:
+    """Symlink ``folder/CASE<suffix>`` to each file, keeping its own suffix (a reference may be
+    .nrrd or .mha: the link is read by its name), replacing what an earlier run left there for
+    that case (a link, or a copy of one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for case, target in files.items():
+        for old in folder.iterdir():
+            if strip_suffix(old.name) == case and (old.is_symlink() or old.is_file()):
+                old.unlink()
+        (folder / f"{case}{image_suffix(target.name)}").symlink_to(target.resolve())
 
 
 class _Bar:

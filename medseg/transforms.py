@@ -3,21 +3,28 @@
 Items are dicts with ``image`` (channel paths or an in-memory `Volume`), optionally ``label``
 (a path), and ``name``. Images and labels travel together through reorientation and
 resampling; labels always use nearest-neighbour interpolation and never see intensity
-transforms (they are listed only under `LABEL_KEYS`-aware transforms).
+transforms (they are listed only under `LABEL_KEYS`-aware transforms). Preprocessed labels are
+kept in their smallest integer type (`label_dtype`), so a cached dataset holds 1 byte per label
+voxel, not 4.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
+from scipy import ndimage
 
+from medseg import __version__
 from medseg.check import label_problems
 from medseg.config import Config
 from medseg.datasets import DatasetError
@@ -48,6 +55,7 @@ class LoadCased(mt.MapTransform):
             if problems:
                 raise ImageError(problems[0])
             # Same grid: give the label the image's exact affine so both resample identically.
+            # float32 for MONAI's resampling; `preprocessing` casts it back to `label_dtype`.
             d[LABEL] = to_metatensor(
                 labels.array[None].astype(np.float32), volume.affine, str(labels.source)
             )
@@ -107,14 +115,40 @@ class NormalizeChannelsd(mt.MapTransform):
                 f"the model takes {len(self.norms)} ({', '.join(self.names)})"
             )
         out = image.clone().float()
+        masked = any(n.nonzero_mask for n in self.norms)
+        region = nonzero_region(out) if masked else None
         for c, norm in enumerate(self.norms):
-            out[c] = normalize_channel(out[c], norm)
+            out[c] = normalize_channel(out[c], norm, region)
         d[IMAGE] = out
         return d
 
 
-def normalize_channel(x: torch.Tensor, norm: ChannelNorm) -> torch.Tensor:
-    """Normalise one channel (any shape) by `norm.scheme`."""
+def nonzero_region(image: torch.Tensor) -> torch.Tensor:
+    """(X, Y, Z) bool: voxels nonzero in any channel of a (C, X, Y, Z) image, holes filled
+    (nnU-Net's `create_nonzero_mask`: dark voxels inside a skull-stripped brain stay in)."""
+    nonzero = (image != 0).any(0).cpu().numpy()
+    return torch.from_numpy(ndimage.binary_fill_holes(nonzero)).to(image.device)
+
+
+def normalize_channel(
+    x: torch.Tensor, norm: ChannelNorm, region: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Normalise one channel (any shape) by `norm.scheme`.
+
+    Args:
+        x: the channel.
+        norm: how to normalise it.
+        region: for ``norm.nonzero_mask``, the voxels the statistics come from (`nonzero_region`
+            of all channels); default ``x != 0``. Voxels outside it become 0.
+    """
+    if norm.scheme == "zscore" and norm.nonzero_mask:
+        region = x != 0 if region is None else region
+        values = x[region]
+        if values.numel() == 0:
+            return torch.zeros_like(x)
+        std = values.std() if values.numel() > 1 else values.new_tensor(0.0)
+        scaled = (x - values.mean()) / (std if std > 0 else 1.0)
+        return torch.where(region, scaled, torch.zeros_like(x))
     if norm.scheme == "zscore":
         std = x.std()
         return (x - x.mean()) / (std if std > 0 else 1.0)
@@ -127,7 +161,9 @@ def background_floor(x: torch.Tensor, norm: ChannelNorm) -> float | None:
     """The value "nothing there" takes in a channel normalised by `normalize_channel`.
 
     CT: anything below the clip floor (air), mapped exactly as the image was. z-score: the
-    normalised image's minimum (zero padding or a constant background). None for ``none``.
+    normalised image's minimum (zero padding or a constant background). None for ``none`` and
+    for z-score over the nonzero region: outside it the value is 0, which tissue darker than
+    the mean lies below, so no single value tells "nothing there" from dark tissue.
 
     Args:
         x: the normalised channel (any shape).
@@ -135,22 +171,38 @@ def background_floor(x: torch.Tensor, norm: ChannelNorm) -> float | None:
     """
     if norm.scheme == "ct":
         return float(normalize_channel(torch.tensor([-math.inf]), norm)[0])
-    if norm.scheme == "zscore":
+    if norm.scheme == "zscore" and not norm.nonzero_mask:
         return float(x.min())
     return None
 
 
+def label_dtype(labels: Mapping[int, str]) -> torch.dtype:
+    """The smallest integer type that holds every label value (uint8 up to 255)."""
+    top = max(labels, default=0)
+    return torch.uint8 if top <= 255 else torch.int16 if top <= 32767 else torch.int32
+
+
 def preprocessing(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[mt.Transform]:
-    """Load, reorient to RAS, resample to the plan's spacing and normalise intensities."""
+    """Load, reorient (RAS, or its permutation `Plan.array_axes`), resample to the plan's
+    spacing (a 2D plan's slice axis keeps each case's own, so slices are never interpolated)
+    and normalise intensities; labels end in `label_dtype`."""
     modes = ["nearest" if k == LABEL else "bilinear" for k in keys]
-    return [
+    axes = plan.array_axes
+    # MONAI's Spacing keeps an axis' original spacing where pixdim is <= 0
+    pixdim = [-1.0 if a == plan.slice_axis else plan.spacing[a] for a in axes]
+    steps = [
         LoadCased(plan.labels),
         mt.Orientationd(
-            keys=list(keys), axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))
+            keys=list(keys),
+            axcodes="".join("RAS"[a] for a in axes),
+            labels=(("L", "R"), ("P", "A"), ("I", "S")),
         ),
-        mt.Spacingd(keys=list(keys), pixdim=plan.spacing, mode=modes),
+        mt.Spacingd(keys=list(keys), pixdim=pixdim, mode=modes),
         NormalizeChannelsd(plan.normalization, plan.channels),
     ]
+    if LABEL in keys:
+        steps.append(mt.CastToTyped(keys=[LABEL], dtype=label_dtype(plan.labels)))
+    return steps
 
 
 def pad_to_patch(cfg: Config, keys: Sequence[str] = (IMAGE, LABEL)) -> mt.Transform:
@@ -160,14 +212,37 @@ def pad_to_patch(cfg: Config, keys: Sequence[str] = (IMAGE, LABEL)) -> mt.Transf
 
 
 def train_transforms(cfg: Config, plan: Plan) -> tuple[mt.Compose, mt.Compose]:
-    """Deterministic (cacheable) and random parts of the training pipeline."""
-    fixed = mt.Compose([*preprocessing(plan), pad_to_patch(cfg)])
-    return fixed, mt.Compose(random_patch(cfg) + augmentations(cfg))
+    """Deterministic (cacheable) and random parts of the training pipeline.
+
+    The deterministic part is `val_transforms`' (the padding to the patch is cheap and done
+    after the cache), so a case cached for training serves validation in another fold.
+    """
+    random = [pad_to_patch(cfg), *random_patch(cfg), *augmentations(cfg)]
+    return val_transforms(plan), mt.Compose(random)
 
 
 def val_transforms(plan: Plan) -> mt.Compose:
     """Validation pipeline: preprocessing of the full volume, no cropping."""
     return mt.Compose(preprocessing(plan))
+
+
+def cache_folder(root: Path, plan: Plan) -> Path:
+    """The disk-cache folder (`data.cache: disk`) for cases preprocessed by `plan`: one per
+    plan and medseg version, so a changed plan never reads another's files."""
+    key = json.dumps({"plan": plan.to_json(), "medseg": __version__}, sort_keys=True)
+    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def cache_key(item: Mapping[Hashable, Any]) -> bytes:
+    """A case's file name in the disk cache (MONAI PersistentDataset's ``hash_func``): from
+    its name and its files' absolute paths, sizes and modification times, so a case whose
+    files were replaced is preprocessed again."""
+    files = [*item[IMAGE], *([item[LABEL]] if item.get(LABEL) is not None else [])]
+    stats = [
+        (str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files
+    ]
+    text = json.dumps([str(item.get("name")), stats])
+    return hashlib.sha256(text.encode()).hexdigest().encode()
 
 
 def random_patch(cfg: Config) -> list[mt.Transform]:
@@ -189,7 +264,9 @@ def random_patch(cfg: Config) -> list[mt.Transform]:
     )
     steps: list[mt.Transform] = [crop]
     if cfg.model.spatial_dims == 2:
-        steps.append(mt.SqueezeDimd(keys=keys, dim=-1))
+        # the affine is not needed any more (plain tensors go to the network); updating it
+        # warns for every coronal or sagittal patch
+        steps.append(mt.SqueezeDimd(keys=keys, dim=-1, update_meta=False))
     return steps
 
 

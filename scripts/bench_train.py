@@ -58,15 +58,15 @@ def report(run_dir: Path, batch_size: int, minutes: float) -> None:
         rows = list(csv.DictReader(handle))
     info = json.loads((run_dir / "run.json").read_text())
     steps = _steps_per_epoch(info, batch_size, run_dir)
-    print("\nepoch  elapsed_min  seconds  train_loss  val_dice_mean")
+    print("\nepoch  elapsed_min  seconds  train_loss  val_pooled_dice_mean")
     for row in rows:
-        val = row.get("val_dice_mean") or ""
+        val = row.get("val_pooled_dice_mean") or ""
         val = f"{float(val):.4f}" if val else "-"
         print(
             f"{int(row['epoch']) + 1:5d}  {float(row['elapsed_minutes']):11.2f}  "
             f"{float(row['seconds']):7.1f}  {float(row['train_loss']):10.4f}  {val:>13}"
         )
-    plain = [float(r["seconds"]) for r in rows if not r.get("val_dice_mean")]
+    plain = [float(r["seconds"]) for r in rows if not r.get("val_pooled_dice_mean")]
     if plain:
         per_epoch = sorted(plain)[len(plain) // 2]
         print(f"\nmedian seconds per epoch (no validation): {per_epoch:.1f}")

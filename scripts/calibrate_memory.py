@@ -1,4 +1,4 @@
-"""Calibrate the planner's training-memory estimate (medseg.planner.FEATURE_FACTOR etc.).
+"""Calibrate the planner's training-memory estimate (medseg.memory_model.FEATURE_FACTOR etc.).
 
 Each configuration runs in a fresh process: build medseg's U-Net, then two training steps as
 medseg.training runs them (channels-last 3D input, DiceCE loss on the softmax, backward, AdamW)
@@ -121,7 +121,12 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))))
         return
 
-    from medseg.planner import FEATURE_FACTOR, OUTPUT_FACTOR, activation_elements, parameter_count
+    from medseg.memory_model import (
+        FEATURE_FACTOR,
+        OUTPUT_FACTOR,
+        activation_elements,
+        parameter_count,
+    )
 
     rows = []
     for spec in CASES + (DEEP_SUPERVISION_CASES if args.deep_supervision else []):
@@ -143,7 +148,7 @@ def main() -> None:
     b = np.array([r[1]["step_bytes"] for r in fitted], dtype=float)
     (feature_factor, output_factor), *_ = np.linalg.lstsq(a, b, rcond=None)
     print(f"fit: FEATURE_FACTOR={feature_factor:.1f} OUTPUT_FACTOR={output_factor:.1f}")
-    print(f"in medseg.planner: FEATURE_FACTOR={FEATURE_FACTOR} OUTPUT_FACTOR={OUTPUT_FACTOR}")
+    print(f"in medseg.memory_model: FEATURE_FACTOR={FEATURE_FACTOR} OUTPUT_FACTOR={OUTPUT_FACTOR}")
     print(
         "dims patch strides filters batch classes deep-supervision grid"
         " | measured GiB | planner estimate GiB"

@@ -62,3 +62,56 @@ def read_sitk(path: Path):  # noqa: ANN201 - SimpleITK image
         reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
         return reader.Execute()
     return sitk.ReadImage(str(path))
+
+
+def write_dicom_series(
+    folder: Path,
+    positions: list[tuple[float, float, float]],
+    rows_cols: tuple[int, int] = (8, 10),
+    pixel_spacing: tuple[float, float] = (0.8, 0.7),
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    series: tuple[str, int, str] | None = None,
+    study_uid: str | None = None,
+) -> Path:
+    """Write a tiny single-frame CT series (one file per position, LPS mm) with pydicom.
+
+    Each slice's pixels are its slice index times 100 plus the column index, so a reader's
+    slice order and axes can be checked. `series` is (SeriesInstanceUID, number, description).
+    """
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    uid, number, description = series or (generate_uid(), 1, "test series")
+    study = study_uid or generate_uid(entropy_srcs=["medseg-test-study"])
+    rows, cols = rows_cols
+    for k, position in enumerate(positions):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = instance = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, instance
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, uid
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study, "frame of reference"])
+        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Patient", "medseg-test"
+        ds.SeriesNumber, ds.SeriesDescription, ds.InstanceNumber = number, description, k + 1
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+        ds.PixelSpacing = [f"{v:.6f}" for v in pixel_spacing]
+        ds.SliceThickness = "2.5"
+        ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        pixels = 100 * k + np.tile(np.arange(cols, dtype=np.int16), (rows, 1))
+        ds.PixelData = pixels.astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice_{number}_{k:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def even_positions(n: int, step: float = 2.5) -> list[tuple[float, float, float]]:
+    """Slice positions (LPS mm) of an axial series without tilt or gaps."""
+    return [(-10.0, -20.0, 30.0 + step * k) for k in range(n)]

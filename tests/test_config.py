@@ -118,6 +118,8 @@ BAD_OVERRIDES = {
         "model.strides[0] must be all 1",
     ),
     "strides_value": ("model.strides=[[1,1,1],[3,2,2],[2,2,2],[2,2,2]]", "must be 1 or 2"),
+    "cache_mode": ("data.cache=ram", "data.cache must be one of memory, disk, off, got 'ram'"),
+    "slice_axis": ("model.slice_axis=3", "model.slice_axis must be 0 (sagittal), 1 (coronal)"),
     "no_equals": ("train.epochs", "must look like section.key=value"),
     "section_as_value": ("train=5", "train must be a mapping"),
 }
@@ -196,3 +198,38 @@ def test_save_selected_keys_with_comment(tmp_path: Path) -> None:
     assert "patch_size: [32, 32, 32]" in text
     assert yaml.safe_load(text) == {"model": to_dict(cfg)["model"], "train": {"batch_size": 3}}
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("written", "mode"), [("true", "memory"), ("false", "off"), ("off", "off"), ("disk", "disk")]
+)
+def test_old_cache_switch_still_loads(tmp_path: Path, written: str, mode: str) -> None:
+    """Run folders written before data.cache named its mode hold true/false (and YAML reads
+    an unquoted off as false)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"data:\n  cache: {written}\nmodel:\n  spatial_dims: 2\n  patch_size: [32, 48]\n"
+    )
+    cfg = load_config(path)
+    assert cfg.data.cache == mode and cfg.model.slice_axis == 2  # 2D runs then sliced axially
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+
+
+def _readme_section(title: str) -> str:
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_configuration_block_shows_the_defaults() -> None:
+    section = _readme_section("Configuration")
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == to_dict(Config())
+
+
+def test_readme_lists_the_planned_keys() -> None:
+    from medseg.planner import PLANNED_KEYS
+
+    section = _readme_section("Configuration").split("```", 2)[2]
+    for key in (*PLANNED_KEYS, "model.slice_axis", "train.device", "infer.device"):
+        assert f"`{key}`" in section, key

@@ -131,7 +131,7 @@ def _no_channels(root: Path) -> None:
 BAD_DATASETS: dict[str, tuple[Callable[[Path], None], str]] = {
     "missing_dataset_json": (_no_json, "dataset.json not found"),
     "invalid_json": (_bad_json, "not valid JSON"),
-    "missing_channel_file": (_missing_channel, "case c1 lacks channel file(s) c1_0001.nii.gz"),
+    "missing_channel_file": (_missing_channel, "case c1 lacks channel file c1_0001.nii.gz"),
     "missing_label_nnunet": (_missing_label, "c1.nii.gz: file of case c1 not found"),
     "missing_label_msd": (_msd, "h_001.nii.gz: file of case h_001 not found"),
     "labels_without_background": (_no_background, "must declare background as value 0"),

@@ -472,3 +472,45 @@ def test_resume_with_overrides_is_refused(tmp_path: Path) -> None:
     )
     assert code == 2
     assert "--resume continues" in output and "train.epochs=50" in output
+
+
+def test_verbose_user_error_keeps_exit_code_2_and_shows_the_traceback(
+    demo_dataset: Path, tmp_path: Path
+) -> None:
+    args = ["evaluate", str(tmp_path / "p"), str(tmp_path / "r")]
+    args += ["--labels", str(demo_dataset / "dataset.json")]
+    code, output = run_cli(args)
+    assert code == 2 and "Traceback" not in output and "folder not found" in output
+    code, output = run_cli(["--verbose", *args])
+    assert code == 2, output
+    assert "Traceback" in output and "EvaluationError" in output and "folder not found" in output
+
+
+def test_check_lists_every_missing_file(demo_dataset: Path, tmp_path: Path) -> None:
+    """Every missing file is listed, with the problems of the cases that are complete."""
+    root = _dataset(tmp_path, demo_dataset)
+    labels = sorted((root / "labelsTr").iterdir())
+    labels[0].unlink()
+    labels[1].unlink()
+    third = _rewrite_label(root, 0, undeclared_value)  # the third case, now first
+    code, output = run_cli(["check", str(root)])
+    assert code == 2, output
+    assert str(labels[0]) in output and str(labels[1]) in output and third in output
+    assert "3 problem(s) found" in output
+
+
+def test_check_lists_channels_of_different_shapes(demo_dataset: Path, tmp_path: Path) -> None:
+    root = _dataset(tmp_path, demo_dataset)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "MRI", "1": "MRI_copy"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for i, image in enumerate(sorted((root / "imagesTr").glob("*_0000.nii.gz"))):
+        data = np.asarray(nib.load(image).dataobj)
+        second = data[:-1] if i == 1 else data  # the second case's channels differ in shape
+        _nifti(
+            image.with_name(image.name.replace("_0000", "_0001")), second, nib.load(image).affine
+        )
+    code, output = run_cli(["check", str(root)])
+    assert code == 2, output
+    assert "different grid" in output and "Traceback" not in output
+    assert "1 problem(s) found" in output

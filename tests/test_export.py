@@ -34,7 +34,8 @@ from medseg.export import (
     write_stats_json,
 )
 from medseg.export.anatomy import lookup_anatomy, palette_color
-from medseg.export.labels import describe_label
+from medseg.export.colors import srgb_to_lab
+from medseg.export.labels import describe_label, describe_labels
 from medseg.export.qc import to_ras, view_slice
 from medseg.io import ImageError, Volume, load_labels, load_volume
 
@@ -142,6 +143,109 @@ def test_color_table_parses_back(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [path]
 
 
+# Always-running label set: one structure alone and two sibling families.
+SIBLINGS = {
+    0: "background",
+    1: "liver",
+    2: "kidney_right",
+    3: "kidney_left",
+    4: "vertebrae_L1",
+    5: "vertebrae_L2",
+    6: "vertebrae_L3",
+}
+LEFT, RIGHT, BOTH = "7771000", "24028007", "51440002"
+
+
+def _delta_e(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    """CIE76 distance of two RGB colours, through highdicom's own CIELab conversion."""
+    lab_a, lab_b = (np.array(hd.color.CIELabColor.from_rgb(*c[:3]).lab) for c in (a, b))
+    return float(np.linalg.norm(lab_a - lab_b))
+
+
+def _assert_siblings_distinct(colours: dict[int, tuple[int, ...]], family: list[int]) -> None:
+    for i, a in enumerate(family):
+        for b in family[i + 1 :]:
+            assert _delta_e(colours[a], colours[b]) >= 10, (a, b, colours[a], colours[b])
+
+
+def test_sibling_labels_get_distinct_colours() -> None:
+    infos = describe_labels(list(range(1, 7)), SIBLINGS)
+    colours = {i.value: i.color for i in infos}
+
+    assert len(set(colours.values())) == 6
+    assert colours[1] == (221, 130, 101)  # liver keeps Slicer's liver colour
+    assert colours[2] == (185, 102, 83)  # the first kidney keeps the kidney colour
+    assert colours[4] == (226, 202, 134)  # the first vertebra keeps the vertebra colour
+    _assert_siblings_distinct(colours, [2, 3])
+    _assert_siblings_distinct(colours, [4, 5, 6])
+    # Value by value (the colour table, the report) gives the same colours as all at once.
+    assert {v: describe_label(v, SIBLINGS).color for v in colours} == colours
+    assert [i.color_generated for i in infos] == [False] * 6
+    # Labels the map does not name are coloured after the named ones and never change them.
+    more = {i.value: i.color for i in describe_labels([*range(1, 7), 9, 10], SIBLINGS)}
+    assert {v: more[v] for v in colours} == colours
+    assert len(set(more.values())) == 8
+    with pytest.raises(ValueError, match="0 is background"):
+        describe_label(0, SIBLINGS)
+
+
+def test_srgb_to_lab_matches_highdicom() -> None:
+    rgb = [(0, 0, 0), (255, 255, 255), (221, 130, 101), (0, 151, 206), (226, 202, 134)]
+    expected = [hd.color.CIELabColor.from_rgb(*c).lab for c in rgb]
+    np.testing.assert_allclose(srgb_to_lab(rgb), expected, atol=0.02)
+
+
+@pytest.mark.parametrize("folder", ["CT", "MR"])
+def test_totalsegmentator_names_get_distinct_colours(
+    shared_data: Path, folder: str, tmp_path: Path
+) -> None:
+    dataset = json.loads((shared_data / "totalseg_examples" / folder / "dataset.json").read_text())
+    names = {int(v): n for n, v in dataset["labels"].items()}
+    values = sorted(v for v in names if v > 0)
+
+    colours = {i.value: i.color for i in describe_labels(values, names)}
+
+    assert len(set(colours.values())) == len(values) == {"CT": 117, "MR": 50}[folder]
+    by_name = {names[v]: c for v, c in colours.items()}
+    assert by_name["liver"] == (221, 130, 101)
+    assert by_name["spleen"] == (157, 108, 162)
+    assert by_name["kidney_right"] == (185, 102, 83)  # value 2, before kidney_left (3)
+    for prefix in ("kidney_", "vertebrae_", "rib_left_", "rib_right_", "lung_"):
+        _assert_siblings_distinct(colours, [v for v in values if names[v].startswith(prefix)])
+    if folder == "CT":
+        ribs = [v for v in values if names[v].startswith("rib_")]
+        assert len(ribs) == 24
+        _assert_siblings_distinct(colours, ribs)
+    table = _read_color_table(write_color_table(names, tmp_path / "t.ctbl"))
+    assert {v: rgba[:3] for v, (_, rgba) in table.items() if v} == colours
+
+
+@pytest.mark.parametrize(
+    ("name", "side"),
+    [
+        ("kidney_left", LEFT),
+        ("Left Kidney", LEFT),
+        ("rib_left_3", LEFT),
+        ("lung_upper_lobe_left", LEFT),
+        ("kidney_right", RIGHT),
+        ("Right-Lung", RIGHT),
+        ("adrenal_gland_right", RIGHT),
+        ("left and right lungs", BOTH),
+        ("bilateral kidneys", BOTH),
+        ("liver", None),
+        ("vertebrae_L1", None),
+        ("leftover tissue", None),
+        ("Anterior", None),
+    ],
+)
+def test_laterality_from_name(name: str, side: str | None) -> None:
+    code = describe_label(1, {1: name}).laterality
+    assert (code.value if code else None) == side
+    if code is not None:
+        assert code.scheme == "SCT"
+        assert code.meaning == {LEFT: "Left", RIGHT: "Right", BOTH: "Right and left"}[side]
+
+
 # --- .seg.nrrd ------------------------------------------------------------------------------
 
 
@@ -193,6 +297,50 @@ def test_seg_nrrd_round_trip_in_physical_space(case, tmp_path: Path) -> None:
         point = image.TransformIndexToPhysicalPoint([i, j, k])
         np.testing.assert_allclose(np.array(point), expected, atol=1e-3)
         assert written[k, j, i] == labels[i, j, k]
+
+
+def _sibling_map(shape: tuple[int, ...]) -> np.ndarray:
+    """Values 1..6 of `SIBLINGS` in slabs of different sizes (so QC sorts them by size)."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    for value in range(1, 7):
+        labels[2 * value : 2 * value + 2, 5 : 5 + 3 * value, 8:20] = value
+    return labels
+
+
+def test_seg_nrrd_color_table_and_qc_agree_on_colours_and_sides(
+    demo_dataset: Path, tmp_path: Path
+) -> None:
+    volume = load_volume(demo_dataset / "imagesTr" / "hippocampus_143.nii.gz")
+    labels = _sibling_map(volume.shape)
+
+    seg_path = write_seg_nrrd(labels, volume, SIBLINGS, tmp_path / "case.seg.nrrd")
+    table = _read_color_table(write_color_table(SIBLINGS, tmp_path / "case.ctbl"))
+
+    segments = {s["labelValue"]: s for s in slicerio.read_segmentation(str(seg_path))["segments"]}
+    colours = {v: table[v][1][:3] for v in range(1, 7)}
+    assert len(set(colours.values())) == 6
+    for value, segment in segments.items():
+        np.testing.assert_allclose(segment["color"], np.array(colours[value]) / 255, atol=1e-6)
+    sides = {v: s["terminology"].get("typeModifier") for v, s in segments.items()}
+    assert sides == {
+        1: None,
+        2: ["SCT", RIGHT, "Right"],
+        3: ["SCT", LEFT, "Left"],
+        4: None,
+        5: None,
+        6: None,
+    }
+    header = nrrd.read_header(str(seg_path))
+    tags = {int(header[f"Segment{i}_LabelValue"]): header[f"Segment{i}_Tags"] for i in range(6)}
+    assert "~SCT^64033007^Kidney~SCT^7771000^Left~" in tags[3]
+    assert "~SCT^10200004^Liver~^^~" in tags[1]
+
+    legend = qc_figure(labels, volume, SIBLINGS).legends[0]
+    for handle, text in zip(legend.legend_handles, legend.get_texts(), strict=True):
+        value = int(text.get_text().split()[0])
+        np.testing.assert_allclose(
+            handle.get_facecolor()[:3], np.array(colours[value]) / 255, atol=1e-6
+        )
 
 
 def test_seg_nrrd_rejects_wrong_grid(demo_dataset: Path, tmp_path: Path) -> None:
@@ -424,7 +572,9 @@ def test_dicom_seg_frames_match_labels_in_physical_space(series: Path, tmp_path:
     for segment, value in zip(seg.SegmentSequence, (1, 2), strict=True):
         lab = hd.color.CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue)
         np.testing.assert_allclose(lab.to_rgb(), describe_label(value, names).color, atol=1)
-        assert segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+        type_item = segment.SegmentedPropertyTypeCodeSequence[0]
+        assert type_item.CodingSchemeDesignator == "SCT"
+        assert "SegmentedPropertyTypeModifierCodeSequence" not in type_item  # no side in the names
     sources = {}
     for file in series.iterdir():
         ds = pydicom.dcmread(file)
@@ -465,6 +615,32 @@ def test_dicom_seg_frames_match_labels_in_physical_space(series: Path, tmp_path:
         if (np.digitize(apply_rescale(ds.pixel_array, ds), thresholds) == segment).any()
     }
     assert seen == expected
+
+
+def test_dicom_seg_codes_sides_and_colours_as_the_other_formats(
+    ct_series: Path, tmp_path: Path
+) -> None:
+    volume = load_volume(ct_series)
+    labels = _sibling_map(volume.shape)
+
+    path = write_dicom_seg(labels, volume, SIBLINGS, tmp_path / "seg.dcm")
+
+    table = _read_color_table(write_color_table(SIBLINGS, tmp_path / "case.ctbl"))
+    seg = hd.seg.segread(path)  # highdicom parses it back as a Segmentation
+    raw = pydicom.dcmread(path)
+    assert [s.SegmentLabel for s in raw.SegmentSequence] == [SIBLINGS[v] for v in range(1, 7)]
+    for value, segment in enumerate(seg.SegmentSequence, start=1):
+        lab = hd.color.CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue)
+        np.testing.assert_allclose(lab.to_rgb(), table[value][1][:3], atol=1)
+        type_item = raw.SegmentSequence[value - 1].SegmentedPropertyTypeCodeSequence[0]
+        modifiers = type_item.get("SegmentedPropertyTypeModifierCodeSequence", [])
+        sides = [(m.CodeValue, m.CodingSchemeDesignator, m.CodeMeaning) for m in modifiers]
+        expected = {2: [(RIGHT, "SCT", "Right")], 3: [(LEFT, "SCT", "Left")]}.get(value, [])
+        assert sides == expected, SIBLINGS[value]
+        parsed = seg.get_segment_description(value).segmented_property_type
+        assert parsed.value == type_item.CodeValue
+    kidney = seg.get_segment_description(3).SegmentedPropertyTypeCodeSequence[0]
+    assert kidney.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == LEFT
 
 
 def test_dicom_seg_refuses_series_without_uids(shared_data: Path, tmp_path: Path) -> None:

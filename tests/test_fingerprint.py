@@ -17,6 +17,7 @@ from medseg.fingerprint import (
     compute_fingerprint,
     label_counts,
     load_fingerprint,
+    nonzero_fraction,
     save_fingerprint,
 )
 
@@ -86,6 +87,37 @@ def test_json_round_trip(demo_fingerprint: Fingerprint, tmp_path: Path) -> None:
     raw = json.loads(path.read_text())
     assert raw["labels"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
     assert raw["median_spacing"] == pytest.approx([1, 1, 1], abs=1e-4)
+
+
+def test_fingerprints_without_nonzero_fractions_still_load(
+    demo_fingerprint: Fingerprint, tmp_path: Path
+) -> None:
+    raw = demo_fingerprint.to_json()
+    for case in raw["cases"]:
+        del case["nonzero_fraction"]  # as written before medseg recorded it
+    old = Fingerprint.from_json(raw)
+    assert [c.nonzero_fraction for c in old.cases] == [1.0] * len(old.cases)
+
+
+def test_nonzero_fraction_is_the_nonzero_bounding_box() -> None:
+    image = np.zeros((2, 10, 10, 10), np.float32)
+    image[0, 2:4, :, 5] = 1.0
+    image[1, 7, 3, 6] = -2.0  # any channel, any sign
+    assert nonzero_fraction(image) == pytest.approx((6 * 10 * 2) / 1000)
+    assert nonzero_fraction(np.zeros((1, 4, 4, 4))) == 0.0
+
+
+def test_zero_padded_cases_record_their_nonzero_box(demo_dataset: Path, tmp_path: Path) -> None:
+    names = ["hippocampus_143.nii.gz", "hippocampus_149.nii.gz"]
+    root = _copy_dataset(demo_dataset, tmp_path / "ds", names)
+    for sub in ("imagesTr", "labelsTr"):  # pad the first case with as many zeros along x
+        path = root / sub / names[0]
+        image = nib.load(path)
+        array = np.asarray(image.dataobj)
+        padded = np.concatenate([array, np.zeros_like(array)], axis=0)
+        nib.save(nib.Nifti1Image(padded, image.affine), path)
+    fp = compute_fingerprint(load_dataset(root))
+    assert [c.nonzero_fraction for c in fp.cases] == [0.5, 1.0]
 
 
 def test_odd_orientation_gives_ras_geometry(demo_dataset: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,20 +18,28 @@ from medseg.cli import app
 from medseg.config import ConfigError, ModelConfig, downsampling_factors, load_config
 from medseg.datasets import load_dataset
 from medseg.fingerprint import CaseGeometry, Fingerprint, IntensityStats, LabelStats
+from medseg.memory_model import (
+    GPU_REFERENCE_GIB,
+    MemoryBudget,
+    cache_gib,
+    estimate_memory_gib,
+    memory_budget,
+)
 from medseg.models import build_model
 from medseg.planner import (
     CPU_MAX_PATCH_VOXELS,
-    MemoryBudget,
-    choose_spatial_dims,
+    GPU_MAX_PATCH_VOXELS,
+    choose_slice_axis,
     cross_validation_folds,
-    estimate_memory_gib,
     flip_axes,
-    memory_budget,
     network_for,
     plan_config,
     plan_dataset,
+    planned_keys,
     pool_strides,
+    resampled_shapes,
     shrink_to_image_fraction,
+    summary,
     target_spacing,
 )
 from medseg.preprocessing_plan import median_spacing
@@ -45,6 +54,7 @@ def _fingerprint(
     n_cases: int = 100,
     labels: tuple[str, ...] = ("organ",),
     channels: tuple[str, ...] = ("CT",),
+    nonzero: float = 1.0,
 ) -> Fingerprint:
     """A synthetic fingerprint of `n_cases` identical cases (planning is pure)."""
     names = {0: "background", **{i + 1: name for i, name in enumerate(labels)}}
@@ -53,7 +63,7 @@ def _fingerprint(
         layout="nnunet",
         channels=channels,
         labels=names,
-        cases=tuple(CaseGeometry(f"c{i}", shape, spacing) for i in range(n_cases)),
+        cases=tuple(CaseGeometry(f"c{i}", shape, spacing, nonzero) for i in range(n_cases)),
         intensities=tuple(IntensityStats(c, 0, 1, 0, -1, 1, -2, 2) for c in channels),
         label_stats=tuple(LabelStats(v, n, 1.0, 5e4, 50.0) for v, n in names.items() if v),
     )
@@ -132,10 +142,19 @@ def test_network_patch_divisible_by_strides(
 
 
 @pytest.mark.parametrize(
-    ("median", "dims"), [((35, 51, 35), 3), ((160, 160, 16), 3), ((256, 256, 12), 2)]
+    ("median", "axis"),
+    [
+        ((35, 51, 35), None),
+        ((160, 160, 16), None),
+        ((256, 256, 12), 2),
+        ((256, 1, 200), 1),  # one coronal slice
+        ((1, 256, 200), 0),  # one sagittal slice
+        ((12, 256, 12), 2),  # a tie: axial
+    ],
+    ids=["3d", "thin_3d", "axial", "coronal", "sagittal", "tie"],
 )
-def test_choose_spatial_dims(median: tuple[int, ...], dims: int) -> None:
-    assert choose_spatial_dims(np.array(median, dtype=float)) == dims
+def test_choose_slice_axis(median: tuple[int, ...], axis: int | None) -> None:
+    assert choose_slice_axis(np.array(median, dtype=float)) == axis
 
 
 @pytest.mark.parametrize(
@@ -148,7 +167,14 @@ def test_choose_spatial_dims(median: tuple[int, ...], dims: int) -> None:
     ],
 )
 def test_flip_axes_spare_direction_specific_labels(names: list[str], axes: tuple[int]) -> None:
-    assert flip_axes(names, 3) == axes
+    assert flip_axes(names, (0, 1, 2)) == axes
+
+
+def test_flip_axes_of_coronal_slices_follow_their_ras_axes() -> None:
+    # coronal slices: network axes (x, z); "Anterior/Posterior" (y) is across slices, not in them
+    assert flip_axes(["Anterior", "Posterior"], (0, 2)) == (0, 1)
+    assert flip_axes(["kidney_left", "liver_upper"], (0, 2)) == ()
+    assert flip_axes(["kidney_left"], (1, 2)) == (0, 1)  # sagittal slices have no x
 
 
 # ---- memory budget ----
@@ -221,7 +247,10 @@ def test_budget_too_small_is_a_config_error() -> None:
 def test_default_budget() -> None:
     budget = memory_budget(None, "cpu")
     assert budget.device == "cpu" and 0 < budget.gigabytes and "RAM" in budget.source
-    assert memory_budget(3, "cpu") == MemoryBudget("cpu", 3.0, "--memory-gb")
+    explicit = memory_budget(3, "cpu")
+    assert (explicit.device, explicit.gigabytes, explicit.source) == ("cpu", 3.0, "--memory-gb")
+    # the cache may fill 75% of RAM less the CPU training budget
+    assert explicit.cache_gigabytes == pytest.approx(budget.gigabytes * 3 - 3)
     with pytest.raises(ConfigError, match="--memory-gb must be > 0"):
         memory_budget(0, "cpu")
 
@@ -230,6 +259,117 @@ def test_default_budget() -> None:
 def test_cuda_without_gpu_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         memory_budget(None, "cuda")
+
+
+def _fake_gpu(monkeypatch: pytest.MonkeyPatch, gib: float) -> None:
+    """Make torch report one CUDA GPU of `gib` GiB (the budget only reads its total memory)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    props = SimpleNamespace(total_memory=int(gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
+
+
+@pytest.mark.parametrize(
+    ("gpu_gib", "budget_gib"), [(141, GPU_REFERENCE_GIB), (24, GPU_REFERENCE_GIB), (6, 4.8)]
+)
+def test_gpu_budget_is_a_reference_not_the_whole_gpu(
+    monkeypatch: pytest.MonkeyPatch, gpu_gib: float, budget_gib: float
+) -> None:
+    _fake_gpu(monkeypatch, gpu_gib)
+    budget = memory_budget(None, "cuda")
+    assert budget.device == "cuda" and budget.gigabytes == pytest.approx(budget_gib)
+    assert memory_budget(100, "cuda").gigabytes == 100  # --memory-gb still decides
+
+
+def test_h200_plan_does_not_fill_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the review's case: a 141 GiB H200 used to get patch 288x288x224 at batch 12
+    _fake_gpu(monkeypatch, 141)
+    fp = _fingerprint((512, 512, 600), (0.8, 0.8, 1.5), n_cases=100)
+    cfg = plan_config(fp, memory_budget(None, "cuda"))
+    m = cfg.model
+    assert math.prod(m.patch_size) <= GPU_MAX_PATCH_VOXELS
+    assert estimate_memory_gib(m, 1, 2, cfg.train.batch_size, "cuda") <= GPU_REFERENCE_GIB
+    # asking for most of the GPU buys batch size, not a patch beyond nnU-Net's range
+    big = plan_config(fp, MemoryBudget("cuda", 0.9 * 141, "--memory-gb"))
+    assert math.prod(big.model.patch_size) <= GPU_MAX_PATCH_VOXELS
+    assert big.train.batch_size > cfg.train.batch_size
+
+
+# ---- cache of the preprocessed cases ----
+
+
+def test_cache_size_counts_float_images_and_small_integer_labels() -> None:
+    shapes = np.array([[100, 100, 100], [100, 100, 50]], dtype=float)
+    voxels = 1.5e6
+    assert cache_gib(shapes, 2, 3) == pytest.approx(voxels * (2 * 4 + 1) / 2**30)
+    assert cache_gib(shapes, 1, 300) == pytest.approx(voxels * (4 + 2) / 2**30)  # int16
+
+
+def test_a_dataset_larger_than_the_ram_for_it_is_cached_on_disk() -> None:
+    # 100 CTs of 512x512x600: 73 GiB cached (float32 image, uint8 labels), 117 GiB before
+    fp = _fingerprint((512, 512, 600), (0.8, 0.8, 1.5), n_cases=100)
+    budget = MemoryBudget("cpu", 6, "test", cache_gigabytes=12)
+    cfg = plan_config(fp, budget)
+    assert cfg.data.cache == "disk"
+    assert (
+        "cache          disk in the run folder's cache/ (estimated 73.2 > 12 GiB of RAM for it)"
+        in summary(cfg, fp, budget)
+    )
+    small = _fingerprint((64, 64, 64), (1, 1, 1), n_cases=100)
+    assert plan_config(small, budget).data.cache == "memory"
+    assert "cache          memory (estimated 0.122 of 12 GiB" in summary(
+        plan_config(small, budget), small, budget
+    )
+
+
+# ---- normalisation over the nonzero region ----
+
+
+@pytest.mark.parametrize(
+    ("channels", "nonzero", "masked"),
+    [
+        (("FLAIR", "T1"), 0.35, True),  # skull-stripped MR in a larger zero field of view
+        (("MRI",), 1.0, False),  # MR crops without padding
+        (("CT",), 0.35, False),  # CT is clipped to dataset percentiles: no mask (nnU-Net)
+        (("MRI",), 0.8, False),
+    ],
+    ids=["skull_stripped", "crop", "ct", "mostly_nonzero"],
+)
+def test_nonzero_mask_when_the_dataset_is_mostly_zero(
+    channels: tuple[str, ...], nonzero: float, masked: bool
+) -> None:
+    fp = _fingerprint((240, 240, 155), (1, 1, 1), channels=channels, nonzero=nonzero)
+    cfg = plan_config(fp, CPU_8)
+    assert cfg.data.nonzero_mask is masked
+    assert ("over the nonzero region" in summary(cfg, fp, CPU_8)) is masked
+
+
+# ---- 2D plans ----
+
+
+def test_single_coronal_slices_plan_2d_along_y() -> None:
+    fp = _fingerprint((320, 1, 260), (0.5, 4.0, 0.5), n_cases=50)
+    cfg = plan_config(fp, CPU_8)
+    m = cfg.model
+    assert m.spatial_dims == 2 and m.slice_axis == 1
+    assert len(m.patch_size) == 2
+    assert all(p <= s for p, s in zip(m.patch_size, (320, 260), strict=True))
+    assert "2D U-Net on coronal slices" in summary(cfg, fp, CPU_8)
+    assert "0.5 x own x 0.5 mm" in summary(cfg, fp, CPU_8)
+
+
+def test_2d_plans_keep_each_case_slice_spacing() -> None:
+    fp = dataclasses.replace(
+        _fingerprint((256, 256, 3), (1, 1, 5), n_cases=2),
+        cases=(
+            CaseGeometry("thin", (256, 256, 6), (1, 1, 2.5)),
+            CaseGeometry("thick", (256, 256, 3), (1, 1, 5)),
+        ),
+    )
+    assert resampled_shapes(fp, (1.0, 1.0, 3.0), keep_axis=2)[:, 2].tolist() == [6, 3]
+    assert resampled_shapes(fp, (1.0, 1.0, 3.0))[:, 2].tolist() == [5, 5]  # 3D: resampled
+    cfg = plan_config(fp, CPU_8)
+    assert cfg.model.spatial_dims == 2 and cfg.model.slice_axis == 2
+    assert "model.slice_axis" in planned_keys(cfg)
 
 
 # ---- whole plans ----
@@ -257,6 +397,19 @@ def test_plan_spleen_is_anisotropic(shared_data: Path) -> None:
     assert downsampling_factors(cfg.model)[2] < downsampling_factors(cfg.model)[0]
     assert cfg.train.augment.rotate_degrees == 0  # no out-of-plane rotation of 5 mm slices
     assert estimate_memory_gib(cfg.model, 1, 2, cfg.train.batch_size, "cpu") <= 4
+
+
+@pytest.mark.parametrize(
+    ("dataset", "masked"),
+    [("brats_subset", True), ("ms_lesions_ljubljana", True), ("hippocampus", False)],
+)
+def test_skull_stripped_mr_is_normalised_over_the_brain(
+    shared_data: Path, dataset: str, masked: bool
+) -> None:
+    cfg, fp = plan_dataset(shared_data / dataset, memory_gb=4, device="cpu")
+    assert cfg.data.nonzero_mask is masked
+    median = float(np.median([c.nonzero_fraction for c in fp.cases]))
+    assert (median < 0.5) if masked else median == 1.0  # BraTS and MS: about 0.35
 
 
 # ---- command line ----

@@ -272,3 +272,113 @@ def test_ensemble_folds_must_match(tiny_run: Path, tmp_path: Path) -> None:
     plan_file.write_text(json.dumps(plan))
     with pytest.raises(RunError, match="must share"):
         load_run(ensemble)
+
+
+# --- input grouping: which files are channels of one case ---
+
+
+def test_case_file_and_channel_file_of_one_name_collide(tmp_path: Path) -> None:
+    """For a model trained on the nnU-Net layout, a.nii.gz and a_0000.nii.gz are both case a."""
+    _touch(tmp_path, "a.nii.gz", "a_0000.nii.gz")
+    with pytest.raises(ImageError, match="would both be written as a.nii.gz") as info:
+        resolve_inputs([tmp_path], 1, channel_suffix=True)
+    assert "a_0000.nii.gz" in str(info.value)
+
+
+def test_four_digit_case_numbers_are_not_channels(tmp_path: Path) -> None:
+    """liver_0001 is case liver_0001 for a one-channel model, not channel 1 of case liver."""
+    a, b = _touch(tmp_path, "liver_0001.nii.gz", "liver_0002.nii.gz")
+    items = resolve_inputs([tmp_path], 1, channel_suffix=True)
+    assert items == [("liver_0001", [a]), ("liver_0002", [b])]
+
+
+def test_a_file_without_channel_suffix_holds_every_channel(tmp_path: Path) -> None:
+    """A multi-channel model takes MSD's 4D files (all channels in one) beside channel files."""
+    files = _touch(tmp_path, "a_0000.nii.gz", "a_0001.nii.gz", "brats_004.nii.gz")
+    items = resolve_inputs([tmp_path], 2, channel_suffix=False)
+    assert items == [("a", files[:2]), ("brats_004", [files[2]])]
+
+
+def _two_channel_msd(demo_dataset: Path, root: Path, n_cases: int = 6) -> list[Path]:
+    """An MSD dataset of 4D two-channel images (channels last), as Task01 BraTS stores them."""
+    import json
+
+    import nibabel as nib
+
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    entries, images = [], []
+    for image in sorted((demo_dataset / "imagesTr").glob("*.nii.gz"))[:n_cases]:
+        source = nib.load(image)
+        data = np.asarray(source.dataobj, dtype=np.float32)
+        nib.save(
+            nib.Nifti1Image(np.stack([data, 2 * data + 5], -1), source.affine),
+            root / "imagesTr" / image.name,
+        )
+        shutil.copy(demo_dataset / "labelsTr" / image.name, root / "labelsTr" / image.name)
+        entries.append({"image": f"./imagesTr/{image.name}", "label": f"./labelsTr/{image.name}"})
+        images.append(root / "imagesTr" / image.name)
+    meta = {
+        "modality": {"0": "T1", "1": "T1_rescaled"},
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "training": entries,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return images
+
+
+@pytest.mark.slow
+def test_msd_four_dimensional_images_are_predicted(demo_dataset: Path, tmp_path: Path) -> None:
+    """predict reads the 4D multi-channel files a model was trained on, as training does."""
+    from conftest import TINY
+
+    from medseg.config import load_config
+    from medseg.training import train
+
+    images = _two_channel_msd(demo_dataset, tmp_path / "data")
+    overrides = [f"data.root={tmp_path / 'data'}", *TINY, "train.epochs=1"]
+    run = train(load_config(None, overrides), tmp_path / "run")
+    written = predict(images[:2], tmp_path / "out", run, PredictOptions("cpu", formats=("nifti",)))
+    assert [p.name for p in written] == [p.name for p in images[:2]]
+    import nibabel as nib
+
+    for out, image in zip(written, images, strict=False):
+        assert nib.load(out).shape == nib.load(image).shape[:3]
+        np.testing.assert_allclose(nib.load(out).affine, nib.load(image).affine, atol=1e-5)
+
+
+# --- unfinished runs ---
+
+
+def test_unfinished_run_is_refused_unless_allowed(
+    tiny_run: Path, demo_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medseg.runs import RunError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "model.pt").unlink()  # stopped during training: only last.pt
+    image = demo_dataset / "imagesTr" / "hippocampus_320.nii.gz"
+    options = PredictOptions("cpu", formats=("nifti",))
+    with pytest.raises(RunError, match="did not finish.*--resume.*--allow-unfinished"):
+        predict([image], tmp_path / "out", run, options)
+    allowed = PredictOptions("cpu", formats=("nifti",), allow_unfinished=True)
+    with caplog.at_level("WARNING", logger="medseg.runs"):
+        [out] = predict([image], tmp_path / "out", run, allowed)
+    assert out.is_file() and "predicting with it anyway" in caplog.text
+
+
+def test_ensemble_with_an_unfinished_fold_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    from medseg.config import load_config, replace, save_config
+    from medseg.runs import RunError, load_run
+
+    ensemble = _ensemble(tiny_run, tmp_path / "ensemble", folds=2)
+    cfg = replace(load_config(tiny_run / "config.yaml"), **{"train.folds": 3})
+    save_config(cfg, ensemble / "ensemble.yaml")  # trained with --folds all: 3 folds
+    with pytest.raises(RunError, match=r"fold\(s\) 2 of 3 did not finish"):
+        load_run(ensemble)
+    shutil.copytree(tiny_run, ensemble / "fold_2")
+    (ensemble / "fold_2" / "model.pt").unlink()
+    with pytest.raises(RunError, match=r"fold\(s\) 2 of 3 did not finish"):
+        load_run(ensemble)
+    assert len(load_run(ensemble, allow_unfinished=True).folds) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -17,7 +18,8 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from medseg.cli import app
-from medseg.evaluation import evaluate_folders
+from medseg.datasets import read_label_names
+from medseg.evaluation import empty_rule_note, evaluate_folders
 from medseg.report import report_html, worst_cases
 
 CASES = ("hippocampus_143", "hippocampus_149", "hippocampus_165")
@@ -145,6 +147,22 @@ def test_worst_cases_come_first_with_their_dice(report: Path, folders: dict[str,
     assert page.headings == sorted(CASES, key=lambda c: fg[c])
     assert worst_cases(results, n=2) == page.headings[:2]
     assert f"{results['cases'][CASES[2]]['Anterior']['dice']:.4f}" in page.cells
+
+
+def test_report_states_the_worst_case_rule_and_counts(report: Path) -> None:
+    text = report.read_text(encoding="utf-8")
+    page = _parse(text)
+    assert {"missed", "spurious"} <= set(page.cells)
+    assert html.escape(empty_rule_note("worst")) in text
+    assert "also skips cases where exactly one side is empty" not in text  # the old rule
+
+
+def test_report_states_the_exclude_rule(folders: dict[str, Path]) -> None:
+    labels = read_label_names(folders["labels"])
+    results = evaluate_folders(folders["preds"], folders["refs"], labels, empty="exclude")
+    text = report_html(results, folders["preds"], folders["refs"])
+    assert html.escape(empty_rule_note("exclude")) in text
+    assert html.escape(empty_rule_note("worst")) not in text
 
 
 def test_report_without_images_draws_on_grey(folders: dict[str, Path]) -> None:

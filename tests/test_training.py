@@ -98,8 +98,8 @@ def test_metrics_csv_has_one_row_per_epoch(tiny_run: Path) -> None:
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     for row in rows:
         assert float(row["train_loss"]) > 0
-        assert 0 <= float(row["val_dice_mean"]) <= 1
-        assert {"val_dice_Anterior", "val_dice_Posterior"} <= row.keys()
+        assert 0 <= float(row["val_pooled_dice_mean"]) <= 1
+        assert {"val_pooled_dice_Anterior", "val_pooled_dice_Posterior"} <= row.keys()
 
 
 def test_final_validation_scores_held_out_cases(tiny_run: Path) -> None:
@@ -303,7 +303,7 @@ def test_slice_wise_2d_model(tmp_path: Path, tiny_overrides: list[str], demo_dat
 
     assert nib.load(out).shape == nib.load(image).shape
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    assert len(rows) == 2 and "val_dice_mean" in rows[-1]
+    assert len(rows) == 2 and "val_pooled_dice_mean" in rows[-1]
 
 
 @pytest.mark.slow
@@ -315,7 +315,7 @@ def test_time_budget_ends_converged(tmp_path: Path, tiny_overrides: list[str]) -
     assert 1 < len(rows) < 10000
     peak = load_config(run / "config.yaml").train.lr
     assert float(rows[-1]["lr"]) < 0.02 * peak
-    assert not rows[-1].get("val_dice_mean")  # budget spent: the final validation follows
+    assert not rows[-1].get("val_pooled_dice_mean")  # budget spent: the final validation follows
     assert (run / "validation" / "metrics.json").is_file()
     assert (run / "model.pt").is_file()
     state = torch.load(run / "last.pt", weights_only=True)
@@ -356,7 +356,7 @@ def test_unaffordable_in_loop_validation_is_skipped(
     with caplog.at_level("INFO", logger="medseg.training"):
         run = train(load_config(None, overrides), tmp_path / "budget")
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert len(rows) > 1 and not any(row.get("val_dice_mean") for row in rows)
+    assert len(rows) > 1 and not any(row.get("val_pooled_dice_mean") for row in rows)
     assert "in-loop validation skipped from epoch 1" in caplog.text
     assert (run / "validation" / "metrics.json").is_file()
 
@@ -389,3 +389,86 @@ def test_all_folds_pool_validation_and_decide_postprocessing(
     assert (folds[0] / "model.pt").stat().st_mtime_ns == before
     assert load_config(folds[1] / "config.yaml").train.epochs == 1  # not the default
     assert (folds[1] / "model.pt").is_file()
+
+
+def _dataset_as(demo_dataset: Path, root: Path, suffix: str, n_cases: int = 6) -> list[str]:
+    """The first demo cases as an nnU-Net v2 dataset of `suffix` files (nnU-Net's
+    ``file_ending``), written by SimpleITK."""
+    import SimpleITK as sitk
+
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    names = []
+    for image in sorted((demo_dataset / "imagesTr").glob("*.nii.gz"))[:n_cases]:
+        case = image.name.removesuffix(".nii.gz")
+        sitk.WriteImage(sitk.ReadImage(str(image)), str(root / "imagesTr" / f"{case}_0000{suffix}"))
+        label = sitk.ReadImage(str(demo_dataset / "labelsTr" / image.name))
+        sitk.WriteImage(
+            sitk.Cast(label, sitk.sitkUInt8), str(root / "labelsTr" / f"{case}{suffix}")
+        )
+        names.append(case)
+    meta = {
+        "channel_names": {"0": "MRI"},
+        "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+        "file_ending": suffix,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii"])
+def test_final_validation_reads_references_in_their_own_format(
+    tmp_path: Path, demo_dataset: Path, suffix: str
+) -> None:
+    """Training, and resuming, a dataset of .nrrd/.mha/.nii labels scores them (the references
+    were linked as NAME.nii.gz, which only a NIfTI reader can open)."""
+    _dataset_as(demo_dataset, tmp_path / "data", suffix)
+    overrides = [f"data.root={tmp_path / 'data'}", *TINY, "train.folds=2", "train.epochs=1"]
+    run = train(load_config(None, overrides), tmp_path / "run")
+    info = json.loads((run / "run.json").read_text())
+    references = sorted(p.name for p in (run / "validation" / "reference").iterdir())
+    assert references == sorted(f"{case}{suffix}" for case in info["val_cases"])
+    metrics = json.loads((run / "validation" / "metrics.json").read_text())
+    assert sorted(metrics["cases"]) == sorted(info["val_cases"])
+    train(None, run, resume=True)  # a finished run resumes into its final validation again
+    again = json.loads((run / "validation" / "metrics.json").read_text())
+    assert again["mean"] == metrics["mean"]
+
+
+@pytest.mark.slow
+def test_rerun_final_validation_decides_postprocessing_on_raw_predictions(
+    tmp_path: Path, tiny_run: Path
+) -> None:
+    """A second final validation must not score post-processed masks as raw ones: the first
+    decision's postprocessing.json is in place then, and applying it flipped the decision."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    first = json.loads((run / "postprocessing.json").read_text())
+    metrics = json.loads((run / "validation" / "metrics.json").read_text())
+    runs.write_json({"largest_component": [1, 2]}, run / "postprocessing.json")
+    train(None, run, resume=True)
+    assert json.loads((run / "postprocessing.json").read_text()) == first
+    assert json.loads((run / "validation" / "metrics.json").read_text())["mean"] == metrics["mean"]
+
+
+def test_validation_time_is_estimated_from_the_largest_case(
+    tmp_path: Path, tiny_overrides: list[str], demo_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final-validation reserve comes from the largest validation case, scaled by voxels,
+    not from whichever case comes first."""
+    from medseg.datasets import load_dataset
+    from medseg.preprocessing_plan import make_plan
+
+    cfg = load_config(None, tiny_overrides)
+    plan = make_plan(load_dataset(demo_dataset), cfg)
+    cases = sorted(load_dataset(demo_dataset).cases, key=lambda c: c.name, reverse=True)
+    voxels = [training.resampled_voxels(c, plan.spacing) for c in cases]
+    assert len(set(voxels)) == len(voxels)  # the demo cases differ in size
+    trainer = training._Trainer(cfg, plan, torch.device("cpu"), cases[:2], cases)
+    timed = []
+    monkeypatch.setattr(trainer, "_time_validation", lambda i: timed.append(i) or 30.0)
+    estimate = trainer.time_validation_pass()
+    largest = int(np.argmax(voxels))
+    assert timed == [largest] and largest != 0
+    assert estimate == pytest.approx(30.0 * sum(voxels) / voxels[largest])

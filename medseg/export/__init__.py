@@ -10,7 +10,9 @@ One module per format, all taking in-memory arrays (labels (X, Y, Z) on the grid
 - `qc.write_qc_png`: axial/coronal/sagittal QC picture per label.
 - `dicom_seg.write_dicom_seg`: DICOM Segmentation referencing the source DICOM series.
 
-Names, colours and DICOM codes of each label come from `anatomy` (shared by every format).
+Names, DICOM codes and sides of each label come from `anatomy`, its colour from
+`colors.label_colors` (one colour per label, distinct within the label names, shared by every
+format).
 Heavy dependencies (slicerio, matplotlib, highdicom, pydicom) are imported when a writer runs.
 """
 

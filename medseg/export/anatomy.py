@@ -5,7 +5,9 @@ GenericAnatomyColors.txt``) where it has the structure; the hippocampus takes Fr
 colour, and the few structures neither covers have hand-picked ones. Codes are SNOMED CT
 (scheme ``SCT``) concepts from DICOM CID 7150/7151 ("Segmentation Property Categories/Types"),
 the ones 3D Slicer's terminology and highdicom use. Labels with no entry get a stable colour from
-`palette_color` and the generic "Tissue" codes.
+`palette_color` and the generic "Tissue" codes. A name's side (``kidney_left``, ``Right Lung``)
+is the SNOMED laterality modifier of its type (DICOM CID 244), found by `laterality`. Distinct
+colours for the labels of one map (siblings such as the vertebrae) are `colors.label_colors`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ TISSUE = Code("85756007", "SCT", "Tissue")
 STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 ABNORMAL = Code("49755003", "SCT", "Morphologically Abnormal Structure")
 GENERIC = Anatomy((128, 174, 128), TISSUE, TISSUE)
+# Laterality modifiers (DICOM CID 244; meanings as 3D Slicer's terminology spells them).
+LEFT = Code("7771000", "SCT", "Left")
+RIGHT = Code("24028007", "SCT", "Right")
+RIGHT_AND_LEFT = Code("51440002", "SCT", "Right and left")
+_BOTH_SIDES_WORDS = frozenset({"bilateral", "both"})
 
 
 def _entry(color: RGB, category: Code, value: str, meaning: str) -> Anatomy:
@@ -164,6 +171,24 @@ def lookup_anatomy(name: str) -> Anatomy | None:
         if f" {term} " in padded:
             return ANATOMY[term]
     return None
+
+
+def laterality(name: str) -> Code | None:
+    """The side a label name states, as a SNOMED modifier; None when it states none.
+
+    Whole words only (after `normalize_name`), so ``kidney_left``, ``Left Kidney``,
+    ``rib_left_3`` and ``lung_upper_lobe_left`` are Left; a name with both sides, or with
+    "bilateral"/"both", is Right and left. ``leftover`` states no side. A chamber's name
+    (``heart_atrium_left``) gives the side of its organ's code (Heart, Left): the table has no
+    chamber codes.
+    """
+    words = set(normalize_name(name).split())
+    left, right = "left" in words, "right" in words
+    if (left and right) or words & _BOTH_SIDES_WORDS:
+        return RIGHT_AND_LEFT
+    if left:
+        return LEFT
+    return RIGHT if right else None
 
 
 def palette_color(value: int) -> RGB:

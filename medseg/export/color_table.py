@@ -2,8 +2,8 @@
 
 The format is Slicer's colour-table text file: ``#`` comment lines, then one line per label
 ``value name R G B A`` with 0-255 integers. Slicer splits lines on whitespace, so spaces in
-names become underscores. Colours are the ones every medseg export uses
-(`medseg.export.anatomy`); background 0 is black and fully transparent.
+names become underscores. Colours are the ones every medseg export of the same label names uses
+(`medseg.export.colors.label_colors`); background 0 is black and fully transparent.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from medseg.export.labels import describe_label
+from medseg.export.labels import describe_labels
 from medseg.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -25,12 +25,9 @@ def color_table_lines(names: Mapping[int, str]) -> list[str]:
     if values[0] < 0:
         raise ValueError(f"label values must be non-negative, got {values[0]}")
     lines = ["# Color table written by medseg", f"# {len(values)} values"]
-    for value in values:
-        if value == 0:
-            name, rgba = names.get(0) or "background", (0, 0, 0, 0)
-        else:
-            info = describe_label(value, names)
-            name, rgba = info.name, (*info.color, 255)
+    rows = [(0, names.get(0) or "background", (0, 0, 0, 0))]
+    rows += [(i.value, i.name, (*i.color, 255)) for i in describe_labels(values[1:], names)]
+    for value, name, rgba in rows:
         lines.append(" ".join([str(value), _slicer_name(name), *map(str, rgba)]))
     return lines
 

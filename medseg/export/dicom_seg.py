@@ -13,9 +13,9 @@ name, colour (CIELab) and SNOMED category/type codes (`medseg.export.anatomy`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,7 +60,8 @@ def write_dicom_seg(
         like: that volume; its affine places every voxel in patient space.
         names: label value -> name (background 0 is not a segment).
         path: output file, e.g. ``NAME.seg.dcm``.
-        source_series: folder of the single-frame DICOM series; defaults to ``like.source``.
+        source_series: folder of the single-frame DICOM series; defaults to the series `like`
+            was read from (``like.series``, which names its files when a folder holds several).
 
     Returns:
         `path`.
@@ -72,22 +73,39 @@ def write_dicom_seg(
         ValueError: `labels` has the wrong shape, negative values or no label > 0.
         TypeError: `labels` is not an integer array.
     """
-    import highdicom as hd
 
     check_label_array(labels, like.shape, like.source)
     folder = Path(source_series if source_series is not None else like.source)
-    instances = read_series(folder)
+    files = like.series.files if source_series is None and like.series is not None else None
+    instances = read_series(folder, files)
     values = present_values(labels)
     if not values:
         raise ValueError(f"labels for {folder} hold no label > 0; a DICOM-SEG needs a segment")
     segment_of = np.zeros(max(values) + 1, dtype=np.uint16)
     segment_of[values] = np.arange(1, len(values) + 1)
     frames = np.stack([segment_of[instance_labels(labels, like.affine, ds)] for ds in instances])
-    segmentation = hd.seg.Segmentation(
+    try:
+        segmentation = _segmentation(instances, frames, describe_labels(values, names))
+    except (ValueError, AttributeError) as err:  # highdicom checks the source instances
+        raise ImageError(
+            f"{folder}: cannot make a DICOM Segmentation of this series ({err})"
+        ) from None
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        segmentation.save_as(tmp)
+    log.debug("wrote %s (%d segments, %d source instances)", path, len(values), len(instances))
+    return path
+
+
+def _segmentation(instances: list[Dataset], frames: np.ndarray, infos: list[LabelInfo]) -> Any:
+    """highdicom's BINARY Segmentation of `instances` with one frame per instance."""
+    import highdicom as hd
+
+    return hd.seg.Segmentation(
         source_images=instances,
-        pixel_array=frames.astype(np.uint8 if len(values) < 256 else np.uint16),
+        pixel_array=frames.astype(np.uint8 if len(infos) < 256 else np.uint16),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_descriptions(describe_labels(values, names)),
+        segment_descriptions=_descriptions(infos),
         series_instance_uid=hd.UID(),
         series_number=SERIES_NUMBER,
         sop_instance_uid=hd.UID(),
@@ -97,15 +115,13 @@ def write_dicom_seg(
         content_description="medseg automatic segmentation",
         series_description="medseg segmentation",
     )
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        segmentation.save_as(tmp)
-    log.debug("wrote %s (%d segments, %d source instances)", path, len(values), len(instances))
-    return path
 
 
-def read_series(folder: Path) -> list[Dataset]:
+def read_series(folder: Path, files: Sequence[Path] | None = None) -> list[Dataset]:
     """The image instances of a single-frame DICOM series, sorted along the slice normal.
+
+    `files` names the series' files where `folder` holds several series (see
+    `medseg.io.dicom.list_series`); None reads every file of a folder holding one series.
 
     Pixel data is not read. Blank SOP Class/Instance UIDs and missing patient/study attributes
     are filled as `_complete` describes.
@@ -118,7 +134,8 @@ def read_series(folder: Path) -> list[Dataset]:
     from pydicom.errors import InvalidDicomError
 
     datasets = []
-    for file in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+    candidates = files if files is not None else (p for p in Path(folder).iterdir() if p.is_file())
+    for file in sorted(Path(f) for f in candidates):
         try:
             ds = pydicom.dcmread(file, stop_before_pixels=True)
         except (InvalidDicomError, OSError):
@@ -171,7 +188,11 @@ def instance_labels(labels: np.ndarray, affine: np.ndarray, ds: Dataset) -> np.n
 
 
 def _descriptions(infos: list[LabelInfo]) -> list[SegmentDescription]:
-    """highdicom segment descriptions, numbered 1..N in the order of `infos`."""
+    """highdicom segment descriptions, numbered 1..N in the order of `infos`.
+
+    A label's side goes in SegmentedPropertyTypeModifierCodeSequence inside its type item
+    (highdicom 0.28's SegmentDescription takes no modifier, so it is added to the dataset).
+    """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -180,8 +201,9 @@ def _descriptions(infos: list[LabelInfo]) -> list[SegmentDescription]:
     algorithm = hd.AlgorithmIdentificationSequence(
         name="medseg", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
-    return [
-        hd.seg.SegmentDescription(
+    descriptions = []
+    for number, info in enumerate(infos, start=1):
+        description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=info.name[:64],
             segmented_property_category=_code(info.category),
@@ -190,8 +212,12 @@ def _descriptions(infos: list[LabelInfo]) -> list[SegmentDescription]:
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*info.color),
         )
-        for number, info in enumerate(infos, start=1)
-    ]
+        if info.laterality is not None:
+            modifier = hd.sr.CodedConcept.from_code(_code(info.laterality))
+            type_item = description.SegmentedPropertyTypeCodeSequence[0]
+            type_item.SegmentedPropertyTypeModifierCodeSequence = [modifier]
+        descriptions.append(description)
+    return descriptions
 
 
 def _code(code: Code) -> DicomCode:

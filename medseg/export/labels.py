@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medseg.export.anatomy import GENERIC, RGB, Code, lookup_anatomy, palette_color
+from medseg.export.anatomy import GENERIC, RGB, Code, laterality, lookup_anatomy
+from medseg.export.colors import label_colors
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,15 @@ class LabelInfo:
     Attributes:
         value: the label value in the map (> 0).
         name: its name, from the label names or ``label_<value>`` when it has none.
-        color: display colour, RGB 0-255.
+        color: display colour, RGB 0-255, distinct from every other label of the same names
+            (`medseg.export.colors.label_colors`).
         category: segmented property category code.
         type: segmented property type code.
         name_generated: True when the name was made up because the label names lack it.
-        color_generated: True when the colour comes from the palette, not the anatomy table.
+        color_generated: True when the colour comes from the palette, not the anatomy table
+            (an anatomy colour varied to tell siblings apart counts as the table's).
+        laterality: the side the name states (Left, Right, Right and left) as a modifier of
+            `type`, or None.
     """
 
     value: int
@@ -32,6 +37,7 @@ class LabelInfo:
     type: Code
     name_generated: bool
     color_generated: bool
+    laterality: Code | None = None
 
     @property
     def color_float(self) -> tuple[float, float, float]:
@@ -51,25 +57,39 @@ def label_name(value: int, names: Mapping[int, str]) -> str:
 
 
 def describe_label(value: int, names: Mapping[int, str]) -> LabelInfo:
-    """Name, colour and codes of one label value (see `medseg.export.anatomy`)."""
-    name = label_name(value, names)
-    anatomy = lookup_anatomy(name)
-    known = anatomy is not None
-    anatomy = anatomy or GENERIC
-    return LabelInfo(
-        value=int(value),
-        name=name,
-        color=anatomy.color if known else palette_color(int(value)),
-        category=anatomy.category,
-        type=anatomy.type,
-        name_generated=int(value) not in names or not names[int(value)],
-        color_generated=not known,
-    )
+    """Name, colour and codes of one label value (see `medseg.export.anatomy`).
+
+    The colour is the one `label_colors(names)` gives the value, so it depends on the whole
+    mapping: asking value by value gives the colours `describe_labels` gives (for the values
+    `names` holds; an unnamed value is coloured as if it were the only one).
+
+    Raises:
+        ValueError: `value` is not > 0 (0 is the background, which has no colour).
+    """
+    if int(value) < 1:
+        raise ValueError(f"label values to describe must be > 0 (0 is background), got {value}")
+    return _describe(int(value), names, label_colors(names, [int(value)]))
 
 
 def describe_labels(values: list[int], names: Mapping[int, str]) -> list[LabelInfo]:
-    """`describe_label` for each value, in the order given."""
-    return [describe_label(v, names) for v in values]
+    """`describe_label` for each value, in the order given, colours computed once."""
+    colors = label_colors(names, values)
+    return [_describe(int(v), names, colors) for v in values]
+
+
+def _describe(value: int, names: Mapping[int, str], colors: Mapping[int, RGB]) -> LabelInfo:
+    name = label_name(value, names)
+    anatomy = lookup_anatomy(name)
+    return LabelInfo(
+        value=value,
+        name=name,
+        color=colors[value],
+        category=(anatomy or GENERIC).category,
+        type=(anatomy or GENERIC).type,
+        name_generated=value not in names or not names[value],
+        color_generated=anatomy is None,
+        laterality=laterality(name),
+    )
 
 
 def bounding_boxes(labels: np.ndarray) -> dict[int, tuple[slice, slice, slice]]:

@@ -1,4 +1,4 @@
-"""The only module that reads or writes image files; every volume keeps its geometry.
+"""Volumes and label maps with their geometry: the readers and the label-map writer.
 
 Reading goes through MONAI's readers (nibabel for NIfTI, ITK for NRRD, MHA and DICOM series).
 Arrays stay in the file's own voxel order together with the voxel-to-world affine in RAS mm,
@@ -8,37 +8,33 @@ so a label map written with `save_labels(labels, like=volume)` lies on exactly t
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import io_orientation
+
+from medseg.io.dicom import DicomSeries, check_slice_positions, list_series
+from medseg.io.files import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    ImageError,
+    atomic_path,
+    is_dicom_dir,
+)
+from medseg.io.geometry import same_grid, voxel_spacing
+from medseg.io.voxels import (
+    VoxelType,
+    check_image_voxels,
+    check_label_voxels,
+    file_voxel_type,
+    numpy_voxel_type,
+    vector_to_channels_last,
+)
 
 log = logging.getLogger(__name__)
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd")
-DICOM_SUFFIXES = (".dcm", ".ima", "")
-GRID_TOLERANCE_MM = 0.1
-"""Two grids are one when no voxel centre moves by more than this (a tenth of a typical voxel;
-float32 headers and DICOM's decimal strings stay far below it). Every grid check uses it."""
-
-
-class ImageError(ValueError):
-    """An image file is missing, unreadable or unusable (a user error)."""
-
-
-class WriteError(ImageError):
-    """An output cannot be written: folder not writable, disk full (a user error)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,12 +46,14 @@ class Volume:
         affine: 4x4 matrix mapping voxel indices (i, j, k, 1) to RAS world coordinates in mm.
         source: the file (first channel) or DICOM series folder it was read from.
         header: the NIfTI header of the source when it is a NIfTI file, reused when writing.
+        series: the DICOM series it was read from, when it was (a folder may hold several).
     """
 
     array: np.ndarray
     affine: np.ndarray
     source: Path
     header: nib.Nifti1Header | None = None
+    series: DicomSeries | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -88,47 +86,6 @@ class LabelMap:
         return voxel_spacing(self.affine)
 
 
-def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel size in mm along the three array axes (column norms of the affine)."""
-    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
-
-
-def ras_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel size in mm along the R, A, S axes, once the array is reoriented to RAS."""
-    out = [0.0, 0.0, 0.0]
-    for spacing, (ras_axis, _) in zip(voxel_spacing(affine), io_orientation(affine), strict=True):
-        out[int(ras_axis)] = spacing
-    return tuple(out)  # type: ignore[return-value]
-
-
-def ras_shape(shape: Sequence[int], affine: np.ndarray) -> tuple[int, int, int]:
-    """Spatial shape (X, Y, Z) along the R, A, S axes, once the array is reoriented to RAS."""
-    out = [0, 0, 0]
-    for size, (ras_axis, _) in zip(shape[:3], io_orientation(affine), strict=True):
-        out[int(ras_axis)] = int(size)
-    return tuple(out)  # type: ignore[return-value]
-
-
-def grid_offset_mm(affine_a: np.ndarray, affine_b: np.ndarray, shape: Sequence[int]) -> float:
-    """Largest distance in mm between where two voxel-to-world affines put a voxel of `shape`.
-
-    The maps are affine, so the largest distance over the grid is at one of its corners.
-    """
-    corners = np.array(list(itertools.product(*[(0, max(int(n) - 1, 0)) for n in shape[:3]])))
-    points = np.c_[corners, np.ones(len(corners))] @ (np.asarray(affine_a) - affine_b).T
-    return float(np.linalg.norm(points[:, :3], axis=1).max())
-
-
-def same_grid(
-    affine_a: np.ndarray, affine_b: np.ndarray, shape_a: Sequence[int], shape_b: Sequence[int]
-) -> bool:
-    """True when two grids have the same shape and every voxel centre agrees within
-    `GRID_TOLERANCE_MM`."""
-    if tuple(shape_a[:3]) != tuple(shape_b[:3]):
-        return False
-    return grid_offset_mm(affine_a, affine_b, shape_a) <= GRID_TOLERANCE_MM
-
-
 def check_label_array(labels: np.ndarray, shape: tuple[int, ...], source: Path | str) -> None:
     """Check that `labels` is a non-negative integer map of spatial shape `shape`.
 
@@ -151,35 +108,15 @@ def check_label_array(labels: np.ndarray, shape: tuple[int, ...], source: Path |
         raise ValueError(f"label value {labels.max()} exceeds the uint32 range")
 
 
-def is_dicom_dir(path: Path) -> bool:
-    """True when `path` is a folder holding DICOM files (a series)."""
-    if not path.is_dir():
-        return False
-    for child in sorted(path.iterdir())[:20]:
-        if child.is_file() and _has_dicom_magic(child):
-            return True
-    return False
+Source = Path | DicomSeries
+"""What an image is read from: a file, a folder holding one DICOM series, or a `DicomSeries`."""
 
 
-def is_image_file(path: Path) -> bool:
-    """True for files whose suffix medseg reads as an image."""
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def strip_suffix(name: str) -> str:
-    """File name without its image suffix: ``scan.nii.gz`` -> ``scan``."""
-    lower = name.lower()
-    for suffix in (*IMAGE_SUFFIXES, ".dcm"):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def load_volume(paths: Path | Sequence[Path]) -> Volume:
-    """Read an image (one file per channel, a 4D multi-channel NIfTI, or a DICOM series folder).
+def load_volume(paths: Source | Sequence[Source]) -> Volume:
+    """Read an image (one file per channel, a 4D multi-channel NIfTI, or a DICOM series).
 
     Args:
-        paths: one path or one path per channel; all channels must share one grid.
+        paths: one source or one per channel; all channels must share one grid.
 
     Returns:
         The image as float32 (C, X, Y, Z) with its affine.
@@ -188,7 +125,11 @@ def load_volume(paths: Path | Sequence[Path]) -> Volume:
         ImageError: missing or unreadable file, wrong dimensionality, empty axis,
             NaN/Inf voxels, or channels on different grids.
     """
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    paths = (
+        [_source(paths)]
+        if isinstance(paths, (str, Path, DicomSeries))
+        else [_source(p) for p in paths]
+    )
     if not paths:
         raise ImageError("no image path given")
     channels, affine = [], None
@@ -212,8 +153,18 @@ def load_volume(paths: Path | Sequence[Path]) -> Volume:
     array = np.concatenate(channels, axis=0).astype(np.float32, copy=False)
     _validate_array(array, paths[0])
     _validate_affine(affine, paths[0])
-    header = _nifti_header(paths[0])
-    return Volume(array=array, affine=affine, source=paths[0], header=header)
+    first = paths[0]
+    if isinstance(first, DicomSeries):
+        return Volume(array=array, affine=affine, source=first.folder, series=first)
+    return Volume(array=array, affine=affine, source=first, header=_nifti_header(first))
+
+
+def _source(path: str | Source) -> Source:
+    """A DICOM folder becomes its (single) series; files stay paths."""
+    if isinstance(path, DicomSeries):
+        return path
+    path = Path(path)
+    return _only_series(path) if path.is_dir() else path
 
 
 def load_labels(path: Path) -> LabelMap:
@@ -223,7 +174,7 @@ def load_labels(path: Path) -> LabelMap:
     MSD and BraTS files); anything else raises `ImageError`.
     """
     path = Path(path)
-    data, affine = _read(path)
+    data, affine = _read(path, labels=True)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -275,57 +226,137 @@ def save_labels(
     return Path(path)
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` (same suffix); rename it onto `path` on success.
+def _read(path: Source, labels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Array in file voxel order (components, if any, on a last axis) and its RAS affine.
 
-    Readers never see a half-written file, and a crash leaves no partial output behind.
+    The voxel type is checked first (`medseg.io.voxels`: complex images and non-scalar label
+    maps are refused); scalar files are read by MONAI's readers, vector ones as noted there.
     """
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
-        )
-    except OSError as err:
-        raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs follow the umask
-        os.replace(tmp, path)
-    except OSError as err:  # disk full, quota, permissions: nothing partial is left behind
-        raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Array in file voxel order and its RAS affine, read by a MONAI reader."""
-    from monai.data import ITKReader, NibabelReader
-
-    if not path.exists():
+    if isinstance(path, DicomSeries) or path.is_dir():
+        series = path if isinstance(path, DicomSeries) else _only_series(path)
+        voxels = file_voxel_type(series.folder, series.files)
+    elif not path.exists():
         raise ImageError(f"{path}: file not found")
-    if path.is_dir():
-        if not is_dicom_dir(path):
-            raise ImageError(f"{path}: folder holds no DICOM series")
-        reader = ITKReader(affine_lps_to_ras=True)
-    elif path.name.lower().endswith(NIFTI_SUFFIXES):
-        reader = NibabelReader(squeeze_non_spatial_dims=True)
-    elif path.name.lower().endswith(IMAGE_SUFFIXES):
-        reader = ITKReader(affine_lps_to_ras=True)
-    else:
+    elif not path.name.lower().endswith(IMAGE_SUFFIXES):
         raise ImageError(
             f"{path}: not a supported image ({', '.join(IMAGE_SUFFIXES)} or a DICOM series folder)"
         )
+    else:
+        series, voxels = None, file_voxel_type(path)
+    (check_label_voxels if labels else check_image_voxels)(voxels, series or path)
+    if series is not None:
+        data, affine = _read_series(series, voxels)
+    elif voxels.kind == "vector" and path.name.lower().endswith(NIFTI_SUFFIXES):
+        data, affine = _read_nifti_vectors(path)
+    elif voxels.kind == "vector":
+        data, affine = _read_sitk([path])
+    else:
+        data, affine = _read_monai(path)
+    if np.iscomplexobj(data):  # a reader that decoded complex voxels the header did not name
+        check_image_voxels(numpy_voxel_type(data.dtype), series or path)
+    return (data.astype(np.uint8) if data.dtype == bool else data), affine
+
+
+def _read_monai(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A scalar image file through MONAI's nibabel (NIfTI) or ITK reader."""
+    from monai.data import ITKReader, NibabelReader
+
+    nifti = path.name.lower().endswith(NIFTI_SUFFIXES)
+    reader = (
+        NibabelReader(squeeze_non_spatial_dims=True) if nifti else ITKReader(affine_lps_to_ras=True)
+    )
     try:
-        native = reader.read(str(path))
+        # resolved: a symlinked .mhd or .nhdr finds its data file beside the real header
+        native = reader.read(str(path.resolve()))
         data, meta = reader.get_data(native)
     except Exception as err:  # readers raise many types for corrupt input
+        if not nifti:  # ITK's Python wrapping lacks some pixel types (int8, int64): SimpleITK
+            with contextlib.suppress(ImageError):
+                return _read_sitk([path])
         raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
+    return np.asarray(data), np.asarray(meta["affine"], dtype=np.float64)
+
+
+def _read_nifti_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI of RGB24/RGBA32 voxels through nibabel (MONAI's reader cannot cast them):
+    (X, Y, Z, components) float32."""
+    try:
+        image = nib.load(str(path))
+        array = vector_to_channels_last(np.asarray(image.dataobj))
+    except Exception as err:  # nibabel raises many types for corrupt input
+        raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
+    return _squeeze_to_3d(array, path), np.asarray(image.affine, dtype=np.float64)
+
+
+def _read_sitk(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """A file (or DICOM series) through SimpleITK, for what MONAI's ITK reader cannot read:
+    vector pixels (which it also puts on the wrong axes) and pixel types ITK's Python wrapping
+    lacks. (X, Y, Z) or (X, Y, Z, components) in ITK's index order, and the RAS affine."""
+    import SimpleITK as sitk
+
+    source = files[0] if len(files) == 1 else files[0].parent
+    names = [str(f.resolve()) for f in files]
+    try:
+        image = sitk.ReadImage(names if len(names) > 1 else names[0])
+    except Exception as err:  # SimpleITK raises RuntimeError with ITK's message
+        raise ImageError(f"{source}: cannot read image ({type(err).__name__}: {err})") from None
+    if image.GetDimension() != 3:
+        raise ImageError(f"{source}: expected a 3D image, got {image.GetDimension()} dimensions")
+    array = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C])
+    array = np.moveaxis(array, (0, 1, 2), (2, 1, 0))
+    lps = np.eye(4)
+    lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _squeeze_to_3d(array: np.ndarray, source: Path) -> np.ndarray:
+    """(X, Y, Z, [1, ...], C) -> (X, Y, Z, C): singleton axes between space and components go."""
+    spatial, components = array.shape[:-1], array.shape[-1]
+    kept = [n for i, n in enumerate(spatial) if i < 3 or n != 1]
+    if len(kept) != 3:
+        raise ImageError(f"{source}: expected a 3D image of vectors, got shape {array.shape}")
+    return array.reshape(*kept, components)
+
+
+def _only_series(folder: Path) -> DicomSeries:
+    """The one image series in a DICOM folder; a folder holding several is refused."""
+    if not is_dicom_dir(folder):
+        raise ImageError(f"{folder}: folder holds no DICOM series")
+    series = list_series(folder)
+    if len(series) > 1:
+        listed = "; ".join(str(s).removeprefix(f"{folder} ") for s in series)
+        raise ImageError(
+            f"{folder}: holds {len(series)} DICOM series ({listed}); give medseg predict the "
+            "folder (it segments each series into its own output) or put each in its own folder"
+        )
+    return series[0]
+
+
+def _read_series(series: DicomSeries, voxels: VoxelType) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series as ITK reads it (through MONAI's ITKReader), checked slice by slice."""
+    import itk
+    from monai.data import ITKReader
+
+    if voxels.kind == "vector":
+        data, affine = _read_sitk(list(series.files))
+        check_slice_positions(series, affine, data.shape[2])
+        return data, affine
+    files = [str(f) for f in series.files]
+    warnings = itk.ProcessObject.GetGlobalWarningDisplay()
+    itk.ProcessObject.SetGlobalWarningDisplay(False)  # uneven slices: refused below, in one line
+    try:
+        native = itk.imread(files if len(files) > 1 else files[0])
+        data, meta = ITKReader(affine_lps_to_ras=True).get_data(native)
+    except Exception as err:  # ITK raises many types for corrupt input
+        raise ImageError(f"{series}: cannot read image ({type(err).__name__}: {err})") from None
+    finally:
+        itk.ProcessObject.SetGlobalWarningDisplay(warnings)
     affine = np.asarray(meta["affine"], dtype=np.float64)
-    return np.asarray(data), affine
+    data = np.asarray(data)
+    if data.ndim == 3:
+        check_slice_positions(series, affine, data.shape[2])
+    return data, affine
 
 
 def _validate_array(array: np.ndarray, path: Path) -> None:
@@ -352,15 +383,6 @@ def _nifti_header(path: Path) -> nib.Nifti1Header | None:
         return None
     header = nib.load(str(path)).header
     return header if isinstance(header, nib.Nifti1Header) else nib.Nifti1Header.from_header(header)
-
-
-def _has_dicom_magic(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def read_description(path: Path) -> str | None:
