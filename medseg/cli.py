@@ -374,8 +374,8 @@ def plan(
         float | None,
         typer.Option(
             "--memory-gb",
-            help="Training memory budget in GiB. Default: on CUDA the GPU's total memory, "
-            "on CPU a quarter of system RAM.",
+            help="Training memory budget in GiB. Default: on CUDA 8 GiB (nnU-Net's reference; "
+            "80% of a smaller GPU), on CPU a quarter of system RAM.",
         ),
     ] = None,
     device: Annotated[

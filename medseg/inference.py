@@ -51,7 +51,8 @@ Slices = tuple[slice, ...]
 SLICE_CHUNK = 16
 """Axial slices per slab for slice-wise (2D) models."""
 EMPTY_TOLERANCE = 1e-5
-"""A window is empty when no voxel exceeds its channel's background floor by more than this."""
+"""A window is empty when no voxel differs from its channel's background floor by more than
+this (`medseg.transforms.background_floor`)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,7 +90,8 @@ class Window:
 
     Attributes:
         roi_size: window size; 3 numbers for a 3D model, 2 for a slice-wise 2D model
-            (windows then run over axial slices, the last axis).
+            (windows then run over slices along the last preprocessed axis, which
+            preprocessing makes the plan's slice axis).
         overlap: window overlap fraction.
         batch_size: windows per forward pass.
         tta: spatial axes mirrored at test time; every combination of them is run and the
@@ -97,8 +99,8 @@ class Window:
             model was trained to mirror (`tta_axes`): mirroring a left/right-specific model
             along x would swap its sides.
         skip_empty: windows (3D) or slices (2D) whose input is all background (CT: air below
-            the clip floor; z-scored MRI: the image's minimum, e.g. zero padding) are not run
-            and get background probability 1.
+            the clip floor; z-scored MRI: the image's minimum, e.g. zero padding; z-scored over
+            the nonzero region: 0, outside it) are not run and get background probability 1.
     """
 
     roi_size: tuple[int, ...]
@@ -412,11 +414,11 @@ def _crop(probs: torch.Tensor, first: int, pads: list[int], shape: Sequence[int]
 def _occupied(
     image: torch.Tensor, windows: Sequence[Slices], floors: Sequence[float] | None
 ) -> list[bool]:
-    """Which windows hold anything above the background floors (all of them without floors)."""
+    """Which windows hold anything other than the background floors (all without floors)."""
     if floors is None:
         return [True] * len(windows)
     floor = torch.as_tensor(floors, dtype=image.dtype, device=image.device)
-    excess = (image - floor.view(-1, 1, 1, 1)).amax(0)  # (X, Y, Z): above every floor?
+    excess = (image - floor.view(-1, 1, 1, 1)).abs().amax(0)  # (X, Y, Z): off some floor?
     peaks = torch.stack([excess[s].amax() for s in windows]).cpu()  # one sync for all windows
     return [bool(p > EMPTY_TOLERANCE) for p in peaks]
 
@@ -428,7 +430,7 @@ def _stream_slices(
     floors: Sequence[float] | None,
     n_classes: int | None,
 ) -> Iterator[Slab]:
-    """Slice-wise (2D) models: MONAI's 2D sliding window over chunks of axial slices.
+    """Slice-wise (2D) models: MONAI's 2D sliding window over chunks of slices (the last axis).
 
     Slices do not blend with each other, so each chunk is final at once; empty slices are
     skipped whole (individual in-plane windows are not).
@@ -463,8 +465,8 @@ def _stream_slices(
 
 
 def _busy_slices(chunk: torch.Tensor, floors: Sequence[float] | None) -> torch.Tensor:
-    """(n,) bool: slices of a (n, C, X, Y) chunk holding anything above the floors."""
+    """(n,) bool: slices of a (n, C, X, Y) chunk holding anything other than the floors."""
     if floors is None:
         return torch.ones(chunk.shape[0], dtype=torch.bool, device=chunk.device)
     floor = torch.as_tensor(floors, dtype=chunk.dtype, device=chunk.device).view(1, -1, 1, 1)
-    return (chunk - floor).amax(dim=(1, 2, 3)) > EMPTY_TOLERANCE
+    return (chunk - floor).abs().amax(dim=(1, 2, 3)) > EMPTY_TOLERANCE

@@ -161,9 +161,11 @@ def background_floor(x: torch.Tensor, norm: ChannelNorm) -> float | None:
     """The value "nothing there" takes in a channel normalised by `normalize_channel`.
 
     CT: anything below the clip floor (air), mapped exactly as the image was. z-score: the
-    normalised image's minimum (zero padding or a constant background). None for ``none`` and
-    for z-score over the nonzero region: outside it the value is 0, which tissue darker than
-    the mean lies below, so no single value tells "nothing there" from dark tissue.
+    normalised image's minimum (zero padding or a constant background). z-score over the
+    nonzero region: 0, the value of every voxel outside it (darker tissue inside lies below it,
+    so prediction counts a window as empty when every voxel *equals* its floor, not when none
+    exceeds it; for the other schemes the floor is the minimum and the two tests agree).
+    None for ``none``.
 
     Args:
         x: the normalised channel (any shape).
@@ -171,8 +173,8 @@ def background_floor(x: torch.Tensor, norm: ChannelNorm) -> float | None:
     """
     if norm.scheme == "ct":
         return float(normalize_channel(torch.tensor([-math.inf]), norm)[0])
-    if norm.scheme == "zscore" and not norm.nonzero_mask:
-        return float(x.min())
+    if norm.scheme == "zscore":
+        return 0.0 if norm.nonzero_mask else float(x.min())
     return None
 
 

@@ -339,3 +339,58 @@ def test_scan_interval_places_windows_as_monai(size, roi, overlap: float) -> Non
     from monai.inferers.utils import _get_scan_interval  # the rule medseg must reproduce
 
     assert scan_interval(size, roi, overlap) == _get_scan_interval(size, roi, 3, (overlap,) * 3)
+
+
+def test_empty_windows_are_skipped_for_nonzero_region_normalisation() -> None:
+    """Zero padding around a skull-stripped scan is 0 after z-scoring over the nonzero region,
+    below the mean but equal to no tissue: those windows are skipped, the mask is the same."""
+    rng = np.random.default_rng(0)
+    brain = rng.uniform(100.0, 900.0, (24, 24, 12)).astype(np.float32)
+    array = np.pad(brain, ((20, 20), (20, 20), (0, 0)))[None]
+    volume = Volume(array, np.diag([1.0, 1.0, 2.0, 1.0]), Path("stripped.nii.gz"))
+    plan = Plan(
+        (1.0, 1.0, 2.0),
+        ("T1",),
+        {0: "background", 1: "bright"},
+        (ChannelNorm("zscore", nonzero_mask=True),),
+    )
+    full, skipping = CountingPredictor(), CountingPredictor()
+    roi = (16, 16, 12)
+    want = predict_volume(full, volume, plan, Window(roi, skip_empty=False))
+    got = predict_volume(skipping, volume, plan, Window(roi, skip_empty=True))
+    np.testing.assert_array_equal(got, want)
+    assert want.any() and 0 < skipping.windows < full.windows
+
+
+def _oblique_lps_volume(shape: tuple[int, int, int] = (37, 29, 11)) -> Volume:
+    """A smooth random volume on an oblique grid stored in LPS order, 0.7 x 0.9 x 3 mm."""
+    from scipy import ndimage
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(7)
+    array = ndimage.gaussian_filter(rng.normal(size=shape), 2.0).astype(np.float32)
+    affine = np.eye(4)
+    rotation = Rotation.from_euler("zyx", [20.0, -8.0, 12.0], degrees=True).as_matrix()
+    lps = np.diag([-1.0, -1.0, 1.0])  # voxel axes run right-to-left and anterior-to-posterior
+    affine[:3, :3] = rotation @ lps @ np.diag([0.7, 0.9, 3.0])
+    affine[:3, 3] = (40.0, -25.0, 10.0)
+    return Volume(array[None], affine, Path("oblique.nii.gz"))
+
+
+@pytest.mark.parametrize("classes", [3, 12])
+@pytest.mark.parametrize("dense", [False, True], ids=["boundary-path", "dense-path"])
+def test_streaming_equals_monai_invertd_on_an_oblique_lps_anisotropic_grid(
+    classes: int, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Voxel for voxel the labels of MONAI's sliding window on the whole image, Invertd of the
+    probabilities (trilinear) and their argmax; both mapping paths of `medseg.slabs`."""
+    monkeypatch.setattr(slabs, "_dense_is_cheaper", lambda share, unsure, k: dense)
+    volume = _oblique_lps_volume()
+    labels = {v: f"class{v}" for v in range(classes)}
+    plan = Plan((1.0, 1.1, 1.6), ("MRI",), labels, (ChannelNorm("zscore"),))
+    net = random_network(classes, 3)
+    window = Window((16, 16, 8), overlap=0.5, batch_size=3, skip_empty=False)
+    got = predict_volume(net, volume, plan, window)
+    want = reference_labels(net, volume, plan, window)
+    assert len(np.unique(want)) == classes  # many boundaries to map
+    np.testing.assert_array_equal(got, want)

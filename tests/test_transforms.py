@@ -238,8 +238,8 @@ def test_multichannel_mask_is_shared_and_no_single_background_value() -> None:
     norms = (ChannelNorm("zscore", nonzero_mask=True), ChannelNorm("zscore", nonzero_mask=True))
     out = NormalizeChannelsd(norms, ("T1", "T2"))({IMAGE: _meta(image)})[IMAGE]
     assert torch.equal(out[0] == 0, out[1] == 0)
-    # 0 outside the brain is above dark tissue, so it cannot mark empty windows
-    assert float(out[0].min()) < 0 and background_floor(out[0], norms[0]) is None
+    # 0 outside the brain is above dark tissue: empty windows are those equal to it
+    assert float(out[0].min()) < 0 and background_floor(out[0], norms[0]) == 0.0
     assert background_floor(out[0], MRI[0]) == float(out[0].min())
 
 
