@@ -21,6 +21,7 @@ from medseg.training import (
     subset_training,
     train,
 )
+from medseg.training.trainer import _Augmented, _Trainer
 
 NAMES = [f"case_{i:03d}" for i in range(23)]
 
@@ -122,7 +123,7 @@ def test_training_batches_are_plain_tensors() -> None:
 
     image, label = MetaTensor(torch.rand(1, 4, 4, 4)), MetaTensor(torch.ones(1, 4, 4, 4))
     item = {"image": image, "label": label}
-    out = training._Augmented([item], lambda d: [d])[0]
+    out = _Augmented([item], lambda d: [d])[0]
     assert type(out["image"]) is torch.Tensor and type(out["label"]) is torch.Tensor
     assert out["label"].dtype == torch.long
     assert torch.equal(out["image"], image.as_tensor())
@@ -196,17 +197,17 @@ def test_resume_equals_uninterrupted(
     class Crash(Exception):
         pass
 
-    original = training._Trainer._checkpoint
+    original = _Trainer._checkpoint
 
     def checkpoint_then_crash(self, run_dir, epoch):  # noqa: ANN001, ANN202
         original(self, run_dir, epoch)
         if epoch == 0:
             raise Crash
 
-    monkeypatch.setattr(training._Trainer, "_checkpoint", checkpoint_then_crash)
+    monkeypatch.setattr(_Trainer, "_checkpoint", checkpoint_then_crash)
     with pytest.raises(Crash):
         train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(training._Trainer, "_checkpoint", original)
+    monkeypatch.setattr(_Trainer, "_checkpoint", original)
     assert runs.load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
     resumed = train(load_config(None), tmp_path / "resumed", resume=True)
 
@@ -346,7 +347,8 @@ def test_unaffordable_in_loop_validation_is_skipped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A budgeted run whose validation pass costs too much trains through; the final one runs."""
-    monkeypatch.setattr(training, "IN_LOOP_VALIDATION_SHARE", 0.0)
+    # patched where `in_loop_validation_fits` reads it
+    monkeypatch.setattr("medseg.training.budget.IN_LOOP_VALIDATION_SHARE", 0.0)
     overrides = [
         *tiny_overrides,
         "train.epochs=10000",
@@ -465,7 +467,7 @@ def test_validation_time_is_estimated_from_the_largest_case(
     cases = sorted(load_dataset(demo_dataset).cases, key=lambda c: c.name, reverse=True)
     voxels = [training.resampled_voxels(c, plan.spacing) for c in cases]
     assert len(set(voxels)) == len(voxels)  # the demo cases differ in size
-    trainer = training._Trainer(cfg, plan, torch.device("cpu"), cases[:2], cases)
+    trainer = _Trainer(cfg, plan, torch.device("cpu"), cases[:2], cases)
     timed = []
     monkeypatch.setattr(trainer, "_time_validation", lambda i: timed.append(i) or 30.0)
     estimate = trainer.time_validation_pass()

@@ -18,6 +18,7 @@ from medseg.datasets import load_dataset
 from medseg.inference import Window, predict_volume
 from medseg.io import Volume, load_volume
 from medseg.preprocessing_plan import ChannelNorm, Plan, load_plan, make_plan
+from medseg.training.trainer import _Augmented, _cached, _items
 from medseg.transforms import (
     IMAGE,
     LABEL,
@@ -65,12 +66,12 @@ def test_cached_labels_are_uint8_and_train_as_long(demo_dataset: Path, tmp_path:
     dataset = load_dataset(demo_dataset)
     plan = make_plan(dataset, cfg)
     fixed, random = train_transforms(cfg, plan)
-    items = training._items(list(dataset.cases[:2]))
-    cached = training._cached(items, fixed, cfg.data, plan, tmp_path / "unused")
+    items = _items(list(dataset.cases[:2]))
+    cached = _cached(items, fixed, cfg.data, plan, tmp_path / "unused")
     item = cached[0]
     assert item[LABEL].dtype == torch.uint8 and item[IMAGE].dtype == torch.float32
     assert set(torch.unique(item[LABEL]).tolist()) == {0, 1, 2}
-    batch_item = training._Augmented(cached, random)[0]
+    batch_item = _Augmented(cached, random)[0]
     assert batch_item[LABEL].dtype == torch.long
     assert tuple(batch_item[LABEL].shape[1:]) == cfg.model.patch_size
     assert set(torch.unique(batch_item[LABEL]).tolist()) <= {0, 1, 2}
