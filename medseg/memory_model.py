@@ -116,8 +116,8 @@ def _gpu_budget(total: float) -> tuple[float, str]:
 
 def cache_gib(shapes: np.ndarray, n_channels: int, n_classes: int) -> float:
     """GiB the preprocessed cases of `shapes` (N, 3) take in memory: float32 image channels and
-    the label map in its smallest integer type (`transforms.label_dtype`)."""
-    label_bytes = 1 if n_classes <= 256 else 2
+    the label map in its smallest signed integer type (`transforms.cached_label_dtype`)."""
+    label_bytes = 1 if n_classes <= 128 else 2
     return float(shapes.prod(1).sum()) * (4 * n_channels + label_bytes) / GIB
 
 

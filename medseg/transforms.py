@@ -4,8 +4,8 @@ Items are dicts with ``image`` (channel paths or an in-memory `Volume`), optiona
 (a path), and ``name``. Images and labels travel together through reorientation and
 resampling; labels always use nearest-neighbour interpolation and never see intensity
 transforms (they are listed only under `LABEL_KEYS`-aware transforms). Preprocessed labels are
-kept in their smallest integer type (`label_dtype`), so a cached dataset holds 1 byte per label
-voxel, not 4.
+kept in their smallest signed integer type (`cached_label_dtype`), so a cached dataset holds 1
+byte per label voxel, not 4.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class LoadCased(mt.MapTransform):
             if problems:
                 raise ImageError(problems[0])
             # Same grid: give the label the image's exact affine so both resample identically.
-            # float32 for MONAI's resampling; `preprocessing` casts it back to `label_dtype`.
+            # float32 for MONAI's resampling; `preprocessing` casts it to `cached_label_dtype`.
             d[LABEL] = to_metatensor(
                 labels.array[None].astype(np.float32), volume.affine, str(labels.source)
             )
@@ -178,16 +178,21 @@ def background_floor(x: torch.Tensor, norm: ChannelNorm) -> float | None:
     return None
 
 
-def label_dtype(labels: Mapping[int, str]) -> torch.dtype:
-    """The smallest integer type that holds every label value (uint8 up to 255)."""
+def cached_label_dtype(labels: Mapping[int, str]) -> torch.dtype:
+    """The smallest signed integer type that holds every label value (int8 up to 127).
+
+    Signed: MONAI's patch sampler (`map_binary_to_indices`) inverts `torch.any` of the label,
+    which stays uint8 for uint8 tensors, so `~` turned every voxel into background there and
+    background-centred patches could centre on foreground; for int8 and wider it is boolean.
+    """
     top = max(labels, default=0)
-    return torch.uint8 if top <= 255 else torch.int16 if top <= 32767 else torch.int32
+    return torch.int8 if top <= 127 else torch.int16 if top <= 32767 else torch.int32
 
 
 def preprocessing(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[mt.Transform]:
     """Load, reorient (RAS, or its permutation `Plan.array_axes`), resample to the plan's
     spacing (a 2D plan's slice axis keeps each case's own, so slices are never interpolated)
-    and normalise intensities; labels end in `label_dtype`."""
+    and normalise intensities; labels end in `cached_label_dtype`."""
     modes = ["nearest" if k == LABEL else "bilinear" for k in keys]
     axes = plan.array_axes
     # MONAI's Spacing keeps an axis' original spacing where pixdim is <= 0
@@ -203,7 +208,7 @@ def preprocessing(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL)) -> list[mt.T
         NormalizeChannelsd(plan.normalization, plan.channels),
     ]
     if LABEL in keys:
-        steps.append(mt.CastToTyped(keys=[LABEL], dtype=label_dtype(plan.labels)))
+        steps.append(mt.CastToTyped(keys=[LABEL], dtype=cached_label_dtype(plan.labels)))
     return steps
 
 

@@ -25,7 +25,7 @@ from medseg.transforms import (
     LoadCased,
     NormalizeChannelsd,
     background_floor,
-    label_dtype,
+    cached_label_dtype,
     preprocessing,
     train_transforms,
 )
@@ -48,13 +48,13 @@ def _image(plan: Plan, volume: Volume) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("top", "dtype"), [(2, torch.uint8), (255, torch.uint8), (300, torch.int16)]
+    ("top", "dtype"), [(2, torch.int8), (127, torch.int8), (128, torch.int16), (300, torch.int16)]
 )
-def test_label_dtype_is_the_smallest_integer_type(top: int, dtype: torch.dtype) -> None:
-    assert label_dtype({0: "background", top: "x"}) == dtype
+def test_label_dtype_is_the_smallest_signed_integer_type(top: int, dtype: torch.dtype) -> None:
+    assert cached_label_dtype({0: "background", top: "x"}) == dtype
 
 
-def test_cached_labels_are_uint8_and_train_as_long(demo_dataset: Path, tmp_path: Path) -> None:
+def test_cached_labels_are_int8_and_train_as_long(demo_dataset: Path, tmp_path: Path) -> None:
     cfg = load_config(
         None,
         [
@@ -69,12 +69,52 @@ def test_cached_labels_are_uint8_and_train_as_long(demo_dataset: Path, tmp_path:
     items = _items(list(dataset.cases[:2]))
     cached = _cached(items, fixed, cfg.data, plan, tmp_path / "unused")
     item = cached[0]
-    assert item[LABEL].dtype == torch.uint8 and item[IMAGE].dtype == torch.float32
+    assert item[LABEL].dtype == torch.int8 and item[IMAGE].dtype == torch.float32
     assert set(torch.unique(item[LABEL]).tolist()) == {0, 1, 2}
     batch_item = _Augmented(cached, random)[0]
     assert batch_item[LABEL].dtype == torch.long
     assert tuple(batch_item[LABEL].shape[1:]) == cfg.model.patch_size
     assert set(torch.unique(batch_item[LABEL]).tolist()) <= {0, 1, 2}
+
+
+class _FloatLabels(torch.utils.data.Dataset):
+    """The cached items with float32 labels, as medseg cached them before."""
+
+    def __init__(self, base) -> None:  # noqa: ANN001 - a MONAI dataset
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.base[index])
+        item[LABEL] = item[LABEL].float()
+        return item
+
+
+def test_small_integer_labels_sample_the_same_patches_as_float_labels(
+    demo_dataset: Path, tmp_path: Path
+) -> None:
+    """Seed for seed, the training patches of the compact cache are those of float32 labels:
+    with uint8 labels MONAI's sampler took foreground voxels for background ones."""
+    from monai.data.utils import set_rnd
+    from monai.transforms.utils import map_binary_to_indices
+
+    cfg = load_config(None, [f"data.root={demo_dataset}", "train.augment.affine_prob=0.5"])
+    dataset = load_dataset(demo_dataset)
+    plan = make_plan(dataset, cfg)
+    fixed, random = train_transforms(cfg, plan)
+    cached = _cached(_items(list(dataset.cases[:3])), fixed, cfg.data, plan, tmp_path / "unused")
+    label = cached[0][LABEL]
+    foreground, background = map_binary_to_indices(label)
+    assert len(foreground) + len(background) == label.numel()  # none counted twice
+    patches = []
+    for items in (cached, _FloatLabels(cached)):
+        set_rnd(random, seed=3)
+        augmented = _Augmented(items, random)
+        patches.append([augmented[i % 3] for i in range(12)])
+    for compact, wide in zip(*patches, strict=True):
+        assert torch.equal(compact[IMAGE], wide[IMAGE]) and torch.equal(compact[LABEL], wide[LABEL])
 
 
 @pytest.mark.slow
@@ -93,7 +133,7 @@ def test_disk_cache_trains_end_to_end(tmp_path: Path, tiny_overrides: list[str])
     assert len(list((run_dir / "cache").glob("*/*.pt"))) == len(files)  # in the run folder
     for file in files:
         item = torch.load(file, weights_only=True)  # tensors and plain data only
-        assert item[LABEL].dtype == torch.uint8 and item[IMAGE].dtype == torch.float32
+        assert item[LABEL].dtype == torch.int8 and item[IMAGE].dtype == torch.float32
 
 
 # ---- slice-wise plans keep their slices ----
