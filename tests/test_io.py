@@ -296,3 +296,24 @@ def test_channels_of_different_shapes_are_refused(tmp_path: Path) -> None:
     b = _write_nifti(tmp_path / "a_0001.nii.gz", np.zeros((4, 5, 7), np.float32))
     with pytest.raises(ImageError, match="different grid"):
         load_volume([a, b])
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_geometry_of_itk_files_comes_from_the_header(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner reads every case's geometry: NRRD/MHA headers must not load the voxels,
+    and give what the full read gives (an oblique, anisotropic grid)."""
+    import medseg.io.volumes as volumes
+
+    image = sitk.GetImageFromArray(np.zeros((5, 7, 9), np.int16))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    image.SetSpacing((0.7, 0.9, 2.5))
+    image.SetOrigin((10.0, -20.0, 5.5))
+    path = tmp_path / f"scan{suffix}"
+    sitk.WriteImage(image, str(path))
+    volume = load_volume(path)
+    monkeypatch.setattr(volumes, "_read", lambda *a, **k: pytest.fail("the voxels were read"))
+    shape, affine = volumes.read_geometry(path)
+    assert shape == volume.shape == (9, 7, 5)
+    np.testing.assert_allclose(affine, volume.affine, atol=1e-9)

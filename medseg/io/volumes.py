@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -303,11 +304,7 @@ def _read_sitk(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     if image.GetDimension() != 3:
         raise ImageError(f"{source}: expected a 3D image, got {image.GetDimension()} dimensions")
     array = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C])
-    array = np.moveaxis(array, (0, 1, 2), (2, 1, 0))
-    lps = np.eye(4)
-    lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
-    lps[:3, 3] = image.GetOrigin()
-    return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return np.moveaxis(array, (0, 1, 2), (2, 1, 0)), _sitk_affine(image)
 
 
 def _squeeze_to_3d(array: np.ndarray, source: Path) -> np.ndarray:
@@ -397,7 +394,9 @@ def read_description(path: Path) -> str | None:
 def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     """Spatial shape and RAS affine of an image without loading its voxels when possible.
 
-    NIfTI headers are read directly; other formats are loaded in full.
+    NIfTI headers are read by nibabel, NRRD/MHA headers by SimpleITK (the planner and the
+    training budget read every case's geometry); DICOM series and other images with other than
+    three dimensions are loaded in full.
     """
     path = Path(path)
     if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -406,5 +405,31 @@ def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
         except Exception as err:
             raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
         return tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, dtype=np.float64)
+    if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES):
+        header = _sitk_header(path)
+        if header is not None and header.GetDimension() == 3:
+            return tuple(int(s) for s in header.GetSize()), _sitk_affine(header)
     data, affine = _read(path)
     return tuple(int(s) for s in data.shape[:3]), affine
+
+
+def _sitk_header(path: Path) -> Any:
+    """SimpleITK's reader with the header of `path` read (no voxels), or None if unreadable."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path.resolve()))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:  # the full read that follows reports it
+        return None
+    return reader
+
+
+def _sitk_affine(image: Any) -> np.ndarray:
+    """The RAS voxel-to-world affine of a SimpleITK image or header (LPS in ITK), as MONAI's
+    ITK reader computes it."""
+    lps = np.eye(4)
+    lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps

@@ -88,7 +88,7 @@ class _Trainer:
         cache = cache_dir or Path(CACHE)
         self.train_ds = _cached(_items(train_cases), fixed, cfg.data, plan, cache)
         self.val_ds = _cached(_items(val_cases), val_transforms(plan), cfg.data, plan, cache)
-        self.val_voxels = [resampled_voxels(case, plan.spacing) for case in val_cases]
+        self.val_voxels = [resampled_voxels(case, plan.target_spacing) for case in val_cases]
         self.val_names = [case.name for case in val_cases]
         self.start_epoch, self.history = 0, []
         self.validation_seconds: float | None = None
