@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,9 +191,7 @@ def _group(files: list[Path], n_channels: int, by_suffix: bool) -> list[Item]:
 def _series_items(series: list[DicomSeries]) -> list[Item]:
     """One item per series, named by its folder, or, where a folder holds several, by folder,
     series number, description and a hash of the series identifier."""
-    per_folder: dict[Path, int] = {}
-    for s in series:
-        per_folder[s.folder] = per_folder.get(s.folder, 0) + 1
+    per_folder = Counter(s.folder for s in series)
     items: list[Item] = []
     for s in series:
         name = s.folder.name

@@ -31,6 +31,7 @@ from medseg.io.voxels import (
     check_image_voxels,
     check_label_voxels,
     file_voxel_type,
+    itk_header,
     numpy_voxel_type,
     vector_to_channels_last,
 )
@@ -414,16 +415,11 @@ def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
 
 
 def _sitk_header(path: Path) -> Any:
-    """SimpleITK's reader with the header of `path` read (no voxels), or None if unreadable."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path.resolve()))
+    """`itk_header` of `path`, or None when it is unreadable (the full read then says why)."""
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:  # the full read that follows reports it
+        return itk_header(path)
+    except RuntimeError:
         return None
-    return reader
 
 
 def _sitk_affine(image: Any) -> np.ndarray:

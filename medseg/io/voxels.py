@@ -64,8 +64,8 @@ def file_voxel_type(path: Path, dicom_files: tuple[Path, ...] = ()) -> VoxelType
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             return numpy_voxel_type(_nifti_dtype(path))
         return _itk_type(path)
-    except ImageError:
-        raise
+    except ImageError as err:  # a type that is no number: name the file
+        raise ImageError(f"{path}: {err}") from None
     except Exception as err:  # readers raise many types for corrupt headers
         raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
 
@@ -121,12 +121,24 @@ def _nifti_dtype(path: Path) -> np.dtype:
     return nib.load(str(path)).header.get_data_dtype()
 
 
-def _itk_type(path: Path) -> VoxelType:
+def itk_header(path: Path) -> Any:
+    """SimpleITK's file reader of `path` with its header read and no voxels (NRRD, MHA, ...).
+
+    Raises:
+        RuntimeError: SimpleITK cannot read the header.
+    """
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(str(path.resolve()))  # a symlinked .mhd finds its data file
     reader.ReadImageInformation()
+    return reader
+
+
+def _itk_type(path: Path) -> VoxelType:
+    import SimpleITK as sitk
+
+    reader = itk_header(path)
     name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     components = int(reader.GetNumberOfComponents())
     if name.startswith("complex"):
